@@ -1,0 +1,25 @@
+"""The layers: trimmed meta LSTM, stage relay, HyperNorm, norm factory and model conversion."""
+from .convert import convert, find_stages
+from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name
+from .hypernorm import HyperNorm, StageRelay, share_relay
+from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
+from .norms import base_norm_names, create_base_norm, is_norm, register_norm, standardizer_like
+
+__all__ = [
+    "BottleneckMLP",
+    "HyperNorm",
+    "StageRelay",
+    "TrimmedLSTMCell",
+    "base_norm_names",
+    "convert",
+    "create_base_norm",
+    "create_norm_layer",
+    "find_stages",
+    "get_norm_layer",
+    "is_norm",
+    "norm_names",
+    "register_norm",
+    "share_relay",
+    "split_norm_name",
+    "standardizer_like",
+]

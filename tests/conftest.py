@@ -1,0 +1,53 @@
+import pytest
+import torch
+from torch import nn
+
+from hypernorm.nn import convert
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class TinyBlock(nn.Module):
+    """A residual basic block, small enough for compile/export tests on a CPU."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Identity() if stride == 1 and in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1, stride)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, widths=(8, 16), blocks=2, num_classes=5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        stages, in_ch = [], widths[0]
+        for i, w in enumerate(widths):
+            stages.append(nn.Sequential(*[TinyBlock(in_ch if b == 0 else w, w, 2 if (i and b == 0) else 1)
+                                          for b in range(blocks)]))
+            in_ch = w
+        self.stage1, self.stage2 = stages
+        self.head = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        x = self.stage2(self.stage1(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny_net():
+    return TinyNet()
+
+
+@pytest.fixture
+def tiny_bhn():
+    return convert(TinyNet(), "bhn")
