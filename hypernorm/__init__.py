@@ -1,6 +1,7 @@
 """hypernorm: HyperNorm (HN) and batch HyperNorm (BHN), a drop-in normalization with a relayed meta LSTM."""
+from .models import create_model, list_models
 from .nn import HyperNorm, convert
 
 __version__ = "0.1.0"
 
-__all__ = ["HyperNorm", "convert", "__version__"]
+__all__ = ["HyperNorm", "convert", "create_model", "list_models", "__version__"]
