@@ -1,0 +1,1 @@
+"""Analysis: experiment grids, result tables and figures."""

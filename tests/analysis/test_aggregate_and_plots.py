@@ -1,0 +1,84 @@
+import math
+
+import pytest
+
+from hypernorm.analysis.aggregate import collect_runs, format_table, summarize, write_tables
+from hypernorm.analysis.commands import report
+from hypernorm.analysis.plots import plot_batch_size, plot_curves
+
+from .fake_runs import write_run
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed, (bn, bhn) in enumerate([(10.0, 8.0), (12.0, 9.0), (14.0, 7.0)]):
+        write_run(tmp_path, f"bn_bs128_s{seed}", norm="bn", seed=seed, final=bn, best=bn - 1)
+        write_run(tmp_path, f"bhn_bs128_s{seed}", norm="bhn", seed=seed, final=bhn, best=bhn - 1)
+        write_run(tmp_path, f"bn_bs2_s{seed}", norm="bn", batch=2, seed=seed, final=bn + 20, best=bn + 19)
+        write_run(tmp_path, f"bhn_bs2_s{seed}", norm="bhn", batch=2, seed=seed, final=bhn + 5, best=bhn + 4)
+    write_run(tmp_path, "unfinished", done=False, final=99.0)
+    return tmp_path
+
+
+def test_collect_skips_unfinished_runs(runs):
+    rows = collect_runs(runs)
+    assert len(rows) == 12 and all(r["final_top1"] != 99.0 for r in rows)
+
+
+def test_mean_and_sample_std_by_hand(runs):
+    summary = {(e["norm"], e["batch"]): e for e in summarize(collect_runs(runs))}
+    bn = summary[("bn", 128)]
+    assert bn["n"] == 3
+    assert bn["final_top1_mean"] == pytest.approx(12.0)
+    assert bn["final_top1_std"] == pytest.approx(2.0)  # sqrt(((10-12)^2 + 0 + (14-12)^2) / 2)
+    bhn = summary[("bhn", 128)]
+    assert bhn["final_top1_mean"] == pytest.approx(8.0) and bhn["final_top1_std"] == pytest.approx(1.0)
+    assert (bhn["final_top1_min"], bhn["final_top1_max"]) == (7.0, 9.0)
+    assert summary[("bn", 2)]["best_top1_mean"] == pytest.approx(31.0)
+
+
+def test_single_seed_has_no_std(tmp_path):
+    write_run(tmp_path, "one", final=5.0)
+    (entry,) = summarize(collect_runs(tmp_path))
+    assert math.isnan(entry["final_top1_std"])
+    assert "| 5.000 |" in format_table([entry])
+
+
+def test_table_layout_and_files(runs, tmp_path):
+    paths = write_tables(collect_runs(runs), tmp_path / "out")
+    table = paths["table.md"].read_text()
+    assert "| cifar10 | resnet20 | BHN | 128 | 8.000 ± 1.000 | 7.000 ± 1.000 |" in table
+    assert paths["table.csv"].read_text().count("\n") == 5  # header + 4 groups
+    assert paths["runs.csv"].read_text().count("\n") == 13
+
+
+def test_figures_are_written_with_labelled_axes(runs, tmp_path):
+    rows = collect_runs(runs)
+    fig = plot_curves(rows, tmp_path / "curves.png", "resnet20", 128)
+    ax = fig.axes[0]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert ax.get_xlabel() == "epoch" and "accuracy" in ax.get_ylabel()
+    assert len(ax.get_lines()) == 4  # BN/BHN x train/test
+    fig = plot_batch_size(rows, tmp_path / "batch.png", "resnet20")
+    ax = fig.axes[0]
+    assert "batch" in ax.get_xlabel() and "error" in ax.get_ylabel()
+    bhn_line = [line for line in ax.get_lines() if line.get_label() == "BHN"][0]
+    assert list(bhn_line.get_xdata()) == [2, 128] and list(bhn_line.get_ydata()) == pytest.approx([13.0, 8.0])
+
+
+def test_report_writes_everything(runs, capsys):
+    report(runs)
+    out = runs / "report"
+    assert {p.name for p in out.iterdir()} >= {"table.md", "table.csv", "runs.csv", "curves_resnet20_bs128.png",
+                                               "error_vs_batch_resnet20.png"}
+    assert "BHN" in capsys.readouterr().out
+
+
+def test_report_without_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no finished runs"):
+        report(tmp_path)
+
+
+def test_plot_for_unknown_model_is_a_clear_error(runs, tmp_path):
+    with pytest.raises(ValueError, match="resnet999"):
+        plot_batch_size(collect_runs(runs), tmp_path / "x.png", "resnet999")
