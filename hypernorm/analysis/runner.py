@@ -13,7 +13,9 @@ A grid file::
     lr_scaling: {reference_batch: 128}        # optional: lr *= batch / reference_batch (linear scaling rule)
 
 Each run folder gets ``run.json`` (its grid coordinates) beside what the training engine writes. A run whose
-``summary.json`` says ``done`` is not run again; an interrupted one resumes from its checkpoint.
+``summary.json`` says ``done`` is not run again; an interrupted one resumes from its checkpoint. Several
+``hypernorm experiment`` processes may work on one grid at once (e.g. one thread each on a small CPU): a run
+being trained holds ``running.lock`` (its process id), and the others pass it by.
 """
 from __future__ import annotations
 
@@ -85,6 +87,27 @@ def is_done(folder: Path) -> bool:
         return False
 
 
+def _try_lock(folder: Path) -> bool:
+    """Claim ``folder`` for this process; a lock left by a dead process is taken over."""
+    lock = folder / "running.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                return False  # another live process trains this run
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # stale: its process died
+                continue
+            except PermissionError:
+                return False  # alive, owned by another user
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
 def _run_config(grid: dict, run: Run) -> dict:
     from ..config import load_config
 
@@ -115,12 +138,18 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False)
             print(f"  would run {run.name}: {' '.join(run.overrides)}")
             continue
         run.folder.mkdir(parents=True, exist_ok=True)
-        (run.folder / "run.json").write_text(json.dumps({"name": run.name, "coords": run.coords}, indent=2))
+        if not _try_lock(run.folder):
+            continue
         try:
+            if is_done(run.folder):  # finished by another process meanwhile
+                continue
+            (run.folder / "run.json").write_text(json.dumps({"name": run.name, "coords": run.coords}, indent=2))
             train_fn(config)
         except Exception as err:  # keep going: one diverged run must not stop a night of experiments
             (run.folder / "error.txt").write_text(f"{type(err).__name__}: {err}\n")
             failures.append(f"{run.name}: {type(err).__name__}: {err}")
+        finally:
+            (run.folder / "running.lock").unlink(missing_ok=True)
     if failures:
         raise RuntimeError(f"{len(failures)} run(s) failed:\n" + "\n".join(failures))
     return runs

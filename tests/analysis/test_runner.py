@@ -102,3 +102,20 @@ def test_bad_grid_files(tmp_path):
     bad.write_text(yaml.safe_dump({"base": "x.yaml", "output_dir": "r", "grid": {"seed": []}}))
     with pytest.raises(ValueError, match="non-empty lists"):
         load_grid(bad)
+
+
+def test_run_locked_by_a_live_process_is_passed_by(grid_file):
+    import os
+
+    grid = load_grid(grid_file)
+    busy = expand_grid(grid)[0].folder
+    busy.mkdir(parents=True)
+    (busy / "running.lock").write_text(str(os.getppid()))  # a live process that is not us
+    stale = expand_grid(grid)[1].folder
+    stale.mkdir(parents=True)
+    (stale / "running.lock").write_text("999999999")  # no such process
+    train = FakeTrain()
+    run_grid(grid, train)
+    trained = {Path(c["output"]["dir"]).name for c in train.configs}
+    assert busy.name not in trained and stale.name in trained and len(trained) == 3
+    assert (busy / "running.lock").exists() and not (stale / "running.lock").exists()
