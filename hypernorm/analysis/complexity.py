@@ -25,9 +25,9 @@ __all__ = ["Complexity", "complexity", "affine_norm_channels", "TABLE3", "table3
 
 CONVENTION = (
     "FLOPs = multiply-adds of convolution and linear layers (the paper's convention; HyperNorm's meta LSTM "
-    "is linear layers and counts), counted by torch.utils.flop_counter.FlopCounterMode as its FLOPs / 2. "
-    "Norms, activations, pooling, element-wise ops and biases are not counted. Batch 1. "
-    "M = 1e6, G = 1e9."
+    "is made of linear layers and counts), counted with torch.utils.flop_counter.FlopCounterMode "
+    "(FLOPs/2). Norms, activations, pooling, element-wise ops and biases are not counted. "
+    "One image per forward pass; M=1e6, G=1e9."
 )
 
 
@@ -182,7 +182,7 @@ def _explain(row: Row, rows: list[Row]) -> list[str]:
             f"ours plus one operation per channel of every norm layer with an affine "
             f"({row.affine_channels:,} channels here; HyperNorm's standardizers have none) is "
             f"{format_count(with_norms, _parse_count(paper_flops)[1])}, the paper's figure: its counter "
-            "evidently also charged each norm's per-channel affine once"
+            "presumably also charged each norm's per-channel affine once"
         )
     if _truncated(row.result.flops, paper_flops) == paper_flops:
         why.append(f"{format_count(row.result.flops, digits=4)} truncated instead of rounded is {paper_flops}")
@@ -225,12 +225,14 @@ def table3_report(rows: list[Row]) -> str:
         lines.append(f"{cells}{row.paper[0]:>14}{row.paper[1]:>13}  {mark}")
         notes += _explain(row, rows)
     if notes:
-        lines += ["", "Figures that differ from the paper's, and why:"] + [f"- {note}" for note in notes]
+        lines += ["", "Figures that differ from the paper's, and why:"] + [
+            textwrap.fill(note, 100, initial_indent="- ", subsequent_indent="  ") for note in notes]
     matched = [row for row in rows if row.matches and row.matches[1]]
     if matched and any("per-channel affine" in note for note in notes):
         kept = all(_same_as_paper(row.result.flops + row.affine_channels, row.paper[1]) for row in matched)
-        lines.append(f"- Adding those norm channels to every row {'keeps' if kept else 'breaks'} the "
-                     f"{len(matched)} FLOPs figures that match as they are.")
+        lines.append(textwrap.fill(
+            f"Adding those norm channels to every row {'keeps' if kept else 'breaks'} the {len(matched)} "
+            "FLOPs figures that match as they are.", 100, initial_indent="- ", subsequent_indent="  "))
     return "\n".join(lines)
 
 
