@@ -21,7 +21,8 @@ class CifarResNeXt(nn.Module):
                  blocks_per_stage: int = 3, stem_width: int = 64) -> None:
         super().__init__()
         if cardinality < 1 or base_width < 1:
-            raise ValueError(f"CifarResNeXt needs cardinality >= 1 and base_width >= 1, got {cardinality}, {base_width}")
+            raise ValueError(f"CifarResNeXt needs cardinality >= 1 and base_width >= 1, "
+                             f"got {cardinality} and {base_width}")
         self.conv1 = conv3x3(3, stem_width)
         self.bn1 = norm_layer(stem_width)
         self.relu = nn.ReLU(inplace=True)

@@ -32,7 +32,8 @@ def _random_sn(channels=3):
 def test_train_output_matches_definition():
     sn = _random_sn()
     x = torch.randn(4, 3, 5, 6) * 3 + 1
-    expected = _definition(x, sn.mean_weight, sn.var_weight) * sn.weight.view(1, -1, 1, 1) + sn.bias.view(1, -1, 1, 1)
+    expected = _definition(x, sn.mean_weight, sn.var_weight)
+    expected = expected * sn.weight.view(1, -1, 1, 1) + sn.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(sn(x), expected)
 
 
