@@ -21,7 +21,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..models import create_model, list_models, model_info
 from ..nn import HyperNorm, is_norm, norm_names
 
-__all__ = ["Complexity", "complexity", "affine_norm_channels", "TABLE3", "table3_report", "add_parser"]
+__all__ = ["Complexity", "complexity", "affine_norm_channels", "format_count", "measure", "TABLE3", "table3_report",
+           "add_parser"]
 
 CONVENTION = (
     "FLOPs = multiply-adds of convolution and linear layers (the paper's convention; HyperNorm's meta LSTM "
