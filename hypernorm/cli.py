@@ -8,6 +8,7 @@ import sys
 # Each module defines ``add_parser(subparsers)``, whose parser sets ``func(args) -> int | None``.
 COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.commands",
+    "hypernorm.analysis.complexity",
 ]
 
 

@@ -1,1 +1,4 @@
-"""Analysis: experiment grids, result tables and figures."""
+"""Analyses of models and runs: complexity (params/FLOPs), experiment grids, result tables and figures."""
+from .complexity import Complexity, complexity
+
+__all__ = ["Complexity", "complexity"]

@@ -4,11 +4,13 @@ from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_n
 from .hypernorm import HyperNorm, StageRelay, share_relay
 from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
 from .norms import base_norm_names, create_base_norm, is_norm, register_norm, standardizer_like
+from .switchable import SwitchableNorm2d  # registers "sn" (and so "shn")
 
 __all__ = [
     "BottleneckMLP",
     "HyperNorm",
     "StageRelay",
+    "SwitchableNorm2d",
     "TrimmedLSTMCell",
     "base_norm_names",
     "convert",
