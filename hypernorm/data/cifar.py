@@ -110,15 +110,21 @@ def _how_to_get(name: str, root: Path) -> str:
 def _load_npz(path: Path, name: str, train: bool):
     split = "train" if train else "test"
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {f"x_{split}", f"y_{split}"} - set(archive.files)
-            if missing:
-                raise ValueError(f"{path} lacks the arrays {', '.join(sorted(missing))}; expected x_train, y_train, "
-                                 "x_test, y_test (uint8 NHWC images, integer labels)")
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array")
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is corrupt or not a numpy .npz archive ({err}); replace it with a good copy") from None
+    with archive:
+        missing = {f"x_{split}", f"y_{split}"} - set(archive.files)
+        if missing:
+            raise ValueError(f"{path} lacks the arrays {', '.join(sorted(missing))}; expected x_train, y_train, "
+                             "x_test, y_test (uint8 NHWC images, integer labels)")
+        try:
             x, y = archive[f"x_{split}"], archive[f"y_{split}"]
             classes = [str(c) for c in archive["class_names"]] if "class_names" in archive.files else None
-    except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as err:
-        raise ValueError(f"{path} is corrupt or not a numpy .npz archive ({err}); replace it with a good copy") from None
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+            raise ValueError(f"{path} is corrupt ({err}); replace it with a good copy") from None
     num_classes = 10 if name == "cifar10" else 100
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
         raise ValueError(f"{path}: x_{split} must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape} "

@@ -183,7 +183,9 @@ class _Run:
             if resume.get("done"):
                 self.log(f"{self.dir} is finished; nothing to do")
                 return resume["summary"]
-        if tcfg["deterministic"]:
+        if tcfg["deterministic"] and env.device.type == "cuda":
+            # CPU kernels are already deterministic for a fixed thread count (resume is tested on CPU), and the
+            # global flag makes CPU training re-select kernels slowly; on CUDA it is needed.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = not tcfg["deterministic"]
