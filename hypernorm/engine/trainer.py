@@ -33,7 +33,7 @@ from ..data import DatasetInfo, Normalize, build_dataset
 from ..models import create_model
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, setup_distributed
-from .sync_batchnorm import use_cpu_sync_batchnorm
+from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "build_optimizer", "build_scheduler", "lr_factor",
            "METRIC_FIELDS", "BEST_NOTE"]
@@ -119,7 +119,7 @@ def _check_micro_batch(model: nn.Module, batch_size: int, env: DistEnv) -> None:
         return
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if isinstance(module, nn.SyncBatchNorm) and env.world_size > 1:
+            if isinstance(module, (nn.SyncBatchNorm, CPUSyncBatchNorm)) and env.world_size > 1:
                 continue  # statistics over all processes
             raise ValueError(
                 f"train.batch_size=1 cannot train {name or 'the model'} ({type(module).__name__}): batch norm needs "
@@ -395,8 +395,6 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
         test_set, info = build_dataset(config["data"], train=False)
         model = create_model(config["model"]["name"], config["model"]["norm"],
                              config["model"]["num_classes"] or info.num_classes)
-        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()) or config["model"]["sync_bn"]:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same keys; eval uses running statistics
         model.load_state_dict(state["model"])
         model.to(env.device)
         loader = DataLoader(_shard(test_set, env), config["data"]["test_batch_size"] or config["train"]["batch_size"],
