@@ -93,6 +93,11 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, int):
@@ -133,14 +138,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.05)")
         value = yaml.safe_load(text) if text.strip() else None
-        *sections, leaf = key.strip().split(".")
+        name = key.strip()
+        defaults = flatten(DEFAULT_CONFIG)
+        if name not in defaults:
+            if any(k.startswith(name + ".") for k in defaults):
+                raise ValueError(f"config key {name!r} is a section; set its keys, e.g. {name}.<key>=value")
+            raise ValueError(f"unknown config key {name!r}; valid keys: {_valid_keys()}")
+        value = _check_type(name, value, defaults[name])
+        *sections, leaf = name.split(".")
         node = nested
         for section in sections:
             node = node.setdefault(section, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {section!r} is set both as a value and as a section")
         node[leaf] = value
-    merge_config(DEFAULT_CONFIG, nested)  # unknown keys and wrong types fail here, with the valid keys listed
     return nested
 
 
