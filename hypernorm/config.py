@@ -38,6 +38,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "epochs": 164,
         "batch_size": 128,  # per process; the global batch is batch_size * world size
         "device": "auto",  # auto (CUDA when available) | cpu | cuda
+        "threads": None,  # torch CPU threads per process (null: torch's default); 1 avoids collapse on a busy CPU
         "amp": False,  # float16 autocast + GradScaler, CUDA only
         "channels_last": False,
         "grad_clip": None,  # max global L2 norm of the gradients, or null
@@ -167,6 +168,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("train.epochs", "train.batch_size", "data.workers", "train.eval_every"):
         if flat[key] < (0 if key == "data.workers" else 1):
             raise ValueError(f"config key {key!r} must be positive, got {flat[key]!r}")
+    threads = flat["train.threads"]
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"train.threads must be a positive int or null, got {threads!r}")
     subset = flat["data.train_subset"]
     if subset is not None and (not isinstance(subset, int) or subset < 1):
         raise ValueError(f"data.train_subset must be a positive int or null, got {subset!r}")

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ..config import DEFAULT_CONFIG, dump_config, flatten, merge_config, validate_config
-from ..data import DatasetInfo, Normalize, build_dataset
+from ..data import Normalize, build_dataset
 from ..models import create_model
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, setup_distributed
@@ -43,7 +43,7 @@ METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_top1_err", "test_loss", "te
 BEST_NOTE = "best = the epoch with the lowest test top-1 error (selected on the test set, as the paper's baselines)"
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
 RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "output.dir",
-                         "train.device"}
+                         "train.device", "train.threads"}
 
 
 def lr_factor(iteration: int, iters_per_epoch: int, optim: dict[str, Any], epochs: int) -> float:
@@ -377,6 +377,8 @@ def train(config: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
     Under torchrun every process calls this; the batch size is per process and rank 0 writes the run folder.
     """
     config = _resolve(config)
+    if config["train"]["threads"] is not None:
+        torch.set_num_threads(config["train"]["threads"])
     env = setup_distributed(config["train"]["device"])
     try:
         return _Run(config, env, quiet).run()
