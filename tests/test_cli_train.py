@@ -16,7 +16,8 @@ def test_train_prints_labelled_result_table_and_eval_agrees(cifar_root, tmp_path
     config.write_text("model:\n  name: resnet20\n  norm: bhn\ntrain:\n  epochs: 1\n  batch_size: 8\n")
     out = tmp_path / "run"
     code = main(["train", "-c", str(config), "--quiet", "data.dataset=cifar10", f"data.root={cifar_root}",
-                 "data.workers=0", "data.download=false", "train.device=cpu", f"output.dir={out}"])
+                 "data.workers=0", "data.download=false", "train.device=cpu", "train.threads=1",
+                 f"output.dir={out}"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "resnet20 / bhn on cifar10 (global batch 8 = 1 x 8, 1/1 epochs)" in printed

@@ -377,12 +377,14 @@ def train(config: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
     Under torchrun every process calls this; the batch size is per process and rank 0 writes the run folder.
     """
     config = _resolve(config)
+    threads = torch.get_num_threads()
     if config["train"]["threads"] is not None:
         torch.set_num_threads(config["train"]["threads"])
     env = setup_distributed(config["train"]["device"])
     try:
         return _Run(config, env, quiet).run()
     finally:
+        torch.set_num_threads(threads)  # the setting is for this run, not for the caller's process
         if env.owns_group:
             torch.distributed.destroy_process_group()
 

@@ -85,7 +85,8 @@ def tiny_config(root, out, **sections):
     config = {
         "model": {"name": "resnet20", "norm": "bn"},
         "data": {"dataset": "cifar10", "root": str(root), "workers": 0, "download": False},
-        "train": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+        # one thread: tiny batches gain nothing from two, and a busy shared CPU makes two threads crawl
+        "train": {"epochs": 1, "batch_size": 16, "device": "cpu", "threads": 1},
         "optim": {"lr": 0.05, "sched": "cosine", "weight_decay": 5e-4},
         "output": {"dir": str(out)},
     }

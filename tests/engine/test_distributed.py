@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 def overrides(root, out, norm, batch):
     return ["model.name=resnet20", f"model.norm={norm}", "data.dataset=cifar10",
             f"data.root={root}", "data.workers=0", "data.augment=false", "train.epochs=1", f"train.batch_size={batch}",
-            "train.device=cpu", "optim.sched=cosine", "optim.lr=0.05", f"output.dir={out}"]
+            "train.device=cpu", "train.threads=1", "optim.sched=cosine", "optim.lr=0.05", f"output.dir={out}"]
 
 
 @pytest.fixture(scope="module")
