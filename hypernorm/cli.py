@@ -9,6 +9,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.commands",
     "hypernorm.analysis.complexity",
+    "hypernorm.engine.cli",
 ]
 
 

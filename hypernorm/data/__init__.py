@@ -1,0 +1,19 @@
+"""Data sets and transforms: CIFAR-10/100 (official archives or npz) and ImageNet folders."""
+from .build import DatasetInfo, Normalize, build_dataset, build_datasets, cifar_train_transform, resolve_root
+from .cifar import CIFAR_STATS, TensorImageDataset, load_cifar
+from .imagenet import IMAGENET_STATS, imagenet_folder, imagenet_transform
+
+__all__ = [
+    "CIFAR_STATS",
+    "DatasetInfo",
+    "IMAGENET_STATS",
+    "Normalize",
+    "TensorImageDataset",
+    "build_dataset",
+    "build_datasets",
+    "cifar_train_transform",
+    "imagenet_folder",
+    "imagenet_transform",
+    "load_cifar",
+    "resolve_root",
+]

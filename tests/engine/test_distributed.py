@@ -1,0 +1,78 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypernorm.config import load_config
+from hypernorm.engine import load_checkpoint, train
+from hypernorm.engine.sync_batchnorm import CPUSyncBatchNorm
+from tests.data.cifar_fixture import write_npz
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def overrides(root, out, norm, batch):
+    return ["model.name=resnet20", f"model.norm={norm}", "data.dataset=cifar10",
+            f"data.root={root}", "data.workers=0", "data.augment=false", "train.epochs=1", f"train.batch_size={batch}",
+            "train.device=cpu", "train.threads=1", "optim.sched=cosine", "optim.lr=0.05", f"output.dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """2 processes x batch 8 with GHN, SyncBHN and BHN, in one torchrun launch; a 64-image npz CIFAR-10."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    write_npz(tmp / "data", "cifar10", n_train=64, n_test=32)
+    commands = [["train", "--quiet", *overrides(tmp / "data", tmp / "ghn2", "ghn", 8)],
+                ["train", "--quiet", *overrides(tmp / "data", tmp / "syncbhn2", "syncbhn", 8)],
+                ["train", "--quiet", *overrides(tmp / "data", tmp / "bhn2", "bhn", 8)]]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests/engine/ddp_driver.py"), json.dumps(commands)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp
+
+
+def one_process(tmp, norm):
+    out = tmp / f"{norm}1"
+    config = load_config(None, overrides(tmp / "data", out, norm, 16))
+    return train(config, quiet=True), load_checkpoint(out)
+
+
+def assert_same_state(a, b, rtol=1e-4, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=rtol, atol=atol, msg=key)
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(ddp_runs):
+    summary, single = one_process(ddp_runs, "ghn")  # GroupNorm HyperNorm: no batch statistics at all
+    double = load_checkpoint(ddp_runs / "ghn2")
+    assert double["summary"]["world_size"] == 2 and double["summary"]["global_batch"] == 16
+    assert_same_state(single["model"], double["model"])
+    assert double["summary"]["final"]["top1_err"] == pytest.approx(summary["final"]["top1_err"])
+
+
+def test_sync_bhn_over_two_processes_equals_bhn_over_the_global_batch(ddp_runs):
+    _, single = one_process(ddp_runs, "bhn")
+    double = load_checkpoint(ddp_runs / "syncbhn2")
+    assert double["summary"]["done"] and double["summary"]["norm"] == "syncbhn"
+    # synchronized statistics over 2 x 8 images = batch statistics over 16: weights and running stats agree up
+    # to float32 rounding, which dividing by small-batch standard deviations amplifies over the 4 steps
+    assert_same_state(single["model"], double["model"], rtol=2e-3, atol=2e-4)
+    # the control: per-process statistics (plain BHN over 2 x 8) are measurably different
+    unsynced = load_checkpoint(ddp_runs / "bhn2")
+    with pytest.raises(AssertionError):
+        assert_same_state(single["model"], unsynced["model"], rtol=2e-3, atol=2e-4)
+
+
+def test_cpu_sync_batchnorm_without_process_group_is_batch_norm():
+    torch.manual_seed(0)
+    bn, sync = torch.nn.BatchNorm2d(3), CPUSyncBatchNorm(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(sync(x), bn(x))
+    torch.testing.assert_close(sync.running_var, bn.running_var)
