@@ -86,7 +86,7 @@ def test_interrupted_run_is_resumed(grid_file):
 def test_failed_run_is_recorded_and_others_still_run(grid_file):
     grid = load_grid(grid_file)
     train = FakeTrain(fail_on="normbhn_batch_size2")
-    with pytest.raises(RuntimeError, match="1 run\\(s\\) failed.*loss is nan"):
+    with pytest.raises(RuntimeError, match="(?s)1 run\\(s\\) failed.*loss is nan"):
         run_grid(grid, train)
     assert len(train.configs) == 4
     assert "FloatingPointError" in (expand_grid(grid)[3].folder / "error.txt").read_text()
