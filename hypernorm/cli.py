@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Each module defines ``add_parser(subparsers)``, whose parser sets ``func(args) -> int | None``.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["hypernorm.detection.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,9 @@ import os
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 __all__ = ["CocoDetection", "load_coco", "detection_transforms", "collate"]
@@ -131,7 +131,8 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_root, info["file_name"])
-        image = decode_image(path, mode=ImageReadMode.RGB)
+        with Image.open(path) as pil:
+            image = v2.functional.pil_to_tensor(pil.convert("RGB"))
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(f"{path} is {width}x{height} but the annotation file says "

@@ -76,6 +76,7 @@ def _load_backbone_weights(body: nn.Module, weights: str | os.PathLike) -> None:
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
     missing, unexpected = body.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is not part of the detector
     if missing or unexpected:
         raise ValueError(f"weights_backbone {str(weights)!r} does not fit this backbone: missing keys "
                          f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
