@@ -60,7 +60,7 @@ def test_cli_train_resume_and_eval(tiny_coco, tmp_path, capsys):
     assert table[-1].split()[:2] == ["BHN", "GN"] and len(table[-1].split()) == 8
 
 
-def test_cli_reports_bad_config_key(tiny_coco, tmp_path, capsys):
+def test_cli_reports_bad_config_key(capsys):
     assert cli.main(["detect-train", "train.epochz=3"]) == 2
     assert "unknown config key 'train.epochz'" in capsys.readouterr().err
 
