@@ -77,3 +77,19 @@ def test_torchrun_ddp_two_processes(tiny_coco, tmp_path):
     summary = json.loads((out / "summary.jsonl").read_text().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["iteration"] == 2
     assert all(-1.0 <= summary[m] <= 1.0 for m in METRICS)
+
+
+def test_configs_cover_every_table2_row_with_the_1x_schedule():
+    config_dir = os.path.join(ROOT, "configs", "detection")
+    pairs = set()
+    for name in os.listdir(config_dir):
+        if not name.startswith("faster_rcnn_r50_fpn_1x_"):
+            continue
+        cfg = load_config(os.path.join(config_dir, name))
+        backbone_norm, neck_norm = name[len("faster_rcnn_r50_fpn_1x_"):-len(".yaml")].split("_")
+        assert (cfg["model"]["backbone_norm"], cfg["model"]["neck_norm"]) == (backbone_norm, neck_norm)
+        assert cfg["model"]["arch"] == "resnet50" and cfg["model"]["min_size"] == 800
+        assert cfg["train"]["epochs"] == 12 and cfg["train"]["milestones"] == [8, 11] and cfg["train"]["lr"] == 0.02
+        assert cfg["train"]["output"].endswith(name[:-len(".yaml")])
+        pairs.add((backbone_norm, neck_norm))
+    assert pairs == set(TABLE2_PAIRS)
