@@ -2,7 +2,7 @@
 
 Everything is torchvision's: ``resnet50`` -> ``BackboneWithFPN`` (FPN with ``norm_layer``) -> ``FasterRCNN``
 with either the standard two-FC box head (no neck/head norm) or ``FastRCNNConvFCHead`` (4 conv + 1 FC, each
-conv normalized), as in Wu & He's GN detection setup. HyperNorm enters in three relay stages kinds:
+conv normalized), as in Wu & He's GN detection setup. HyperNorm's relay stages are:
 
 * backbone: :func:`hypernorm.convert` on the ResNet body, one HN per bottleneck (its first norm), one LSTM
   relayed per stage ``layer1``..``layer4`` (the classification layout of Table 3);
@@ -21,7 +21,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor  # what fasterrcnn_resnet50_fpn uses
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -106,8 +106,9 @@ def _build_body(arch: str, backbone_norm: str, weights_backbone: Any, reduction:
     return body
 
 
-def _hyper_stage(convs: Sequence[nn.Sequential], norm: str, reduction: int, prefix: str) -> None:
-    """Put a HyperNorm on each ``Conv2dNormActivation`` of ``convs`` (in execution order) and relay one LSTM."""
+def _hyper_stage(convs: Sequence[tuple[int, nn.Sequential]], norm: str, reduction: int, prefix: str) -> None:
+    """Put a HyperNorm on each ``(index, Conv2dNormActivation)`` of ``convs`` (in execution order) and relay
+    one LSTM through them."""
     base, _ = split_norm_name(norm)
     layers = []
     for i, block in convs:
