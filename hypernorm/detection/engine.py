@@ -63,6 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "warmup_iters": 500,
         "warmup_factor": 0.001,
         "max_iters": None,  # stop after this many iterations (smoke runs)
+        "clip_grad_norm": None,  # e.g. 10.0 for runs from random init, whose first steps can blow up
         "amp": False,
         "eval": True,  # evaluate on the val split after every epoch
         "log_every": 20,
@@ -252,6 +253,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
                                          f"{ {k: v.item() for k, v in losses.items()} }; lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if t["clip_grad_norm"] is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(core.parameters(), t["clip_grad_norm"])
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
