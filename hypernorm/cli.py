@@ -11,6 +11,7 @@ COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.complexity",
     "hypernorm.engine.cli",
 ]
+COMMAND_MODULES: list[str] = ["hypernorm.detection.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
