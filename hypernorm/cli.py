@@ -10,8 +10,8 @@ COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.commands",
     "hypernorm.analysis.complexity",
     "hypernorm.engine.cli",
+    "hypernorm.detection.cli",
 ]
-COMMAND_MODULES: list[str] = ["hypernorm.detection.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
