@@ -44,14 +44,6 @@ def write_tiny_coco(root) -> tuple[str, str]:
     return str(image_dir), str(ann_file)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny detectors run several times faster on one thread than on threads fighting for shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def tiny_coco(tmp_path):

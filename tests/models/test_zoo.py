@@ -13,14 +13,6 @@ PAPER_MODELS = ["resnet164", "resnext29_8x64d", "resnext29_16x64d",  # Table 1 (
                 "resnet18", "resnet50", "resnet101", "seresnet50", "shufflenet_v2_x1_0"]  # Table 3 (ImageNet)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: threads only add synchronisation, which costs a lot on a shared CPU
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters())
