@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .meta_lstm import TrimmedLSTMCell
+from .meta_lstm import FusedWeights, TrimmedLSTMCell
 from .norms import create_base_norm
 
 __all__ = ["StageRelay", "HyperNorm", "share_relay"]
@@ -23,6 +23,7 @@ class StageRelay(nn.Module):
         super().__init__()
         self.cell = TrimmedLSTMCell(channels, reduction)
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.weights: FusedWeights | None = None  # the cell's fused GEMM weights, built once per pass
 
     @property
     def channels(self) -> int:
@@ -62,15 +63,41 @@ class HyperNorm(nn.Module):
         self.starts_stage = True
         self.ends_stage = True
 
+    # False selects the reference path (standardizer module, then the affine), e.g. for comparisons.
+    fused: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{self.name}: expected input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
+        if self.fused and _can_fuse(self.norm):
+            return self._forward_fused(x)
+        return self._forward_reference(x)
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c."""
         relay = self.relay
-        h, c = relay.cell(x.mean(dim=(2, 3)), None if self.starts_stage else relay.state)
+        h, c = relay.cell.forward_reference(x.mean(dim=(2, 3)), None if self.starts_stage else relay.state)
         relay.state = None if self.ends_stage else (h, c)
         return torch.addcmul(c[:, :, None, None], self.norm(x), h[:, :, None, None])
+
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Same result in two passes over x: one for the statistics (the per-sample means are GAP(x)),
+        one for y = x * scale + shift with scale = h / sigma and shift = c - h * mu / sigma."""
+        relay = self.relay
+        u, mean, invstd = _moments(self.norm, x)
+        # the cell's fused weights are built at the stage's first layer and reused by the others
+        weights = relay.weights if not self.starts_stage and relay.weights is not None else None
+        if weights is None:
+            weights = relay.cell.fused_weights()
+        h, c = relay.cell(u, None if self.starts_stage else relay.state, weights)
+        relay.state = None if self.ends_stage else (h, c)
+        relay.weights = None if self.ends_stage else weights
+        scale = h * invstd
+        shift = torch.addcmul(c, mean, scale, value=-1)
+        scale, shift = scale.to(x.dtype), shift.to(x.dtype)  # autocast: y in x's dtype, as the norm gives
+        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
 
     def _follow(self, relay: StageRelay) -> None:
         """Use ``relay`` without registering it: the stage's first layer owns it in the state_dict."""
@@ -82,6 +109,68 @@ class HyperNorm(nn.Module):
     def extra_repr(self) -> str:
         role = "owns the stage LSTM" if self.starts_stage else "relays the stage LSTM"
         return f"{self.num_features}, {role}, ends_stage={self.ends_stage}"
+
+
+def _can_fuse(norm: nn.Module) -> bool:
+    """Standardizers whose statistics :func:`_moments` reproduces exactly (subclasses may change them)."""
+    kind = type(norm)
+    if kind is nn.BatchNorm2d:
+        return True
+    if kind is nn.SyncBatchNorm:  # in training it reduces across processes; in eval it is a BatchNorm
+        return not norm.training and norm.track_running_stats
+    if kind is nn.GroupNorm:
+        return True
+    if kind is nn.InstanceNorm2d:
+        return not norm.track_running_stats
+    return False
+
+
+def _moments(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(GAP(x), mu, 1/sigma) for the standardizer ``norm``, each of shape (N, C) or (C,).
+
+    One pass over x gives the mean and variance of every (sample, channel); the batch or group
+    statistics follow from them by the law of total variance (equal group sizes), and the means are
+    the GAP that feeds the LSTM. Batch norms in training update their running statistics here.
+    """
+    N, C, H, W = x.shape
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        batch_stats = norm.training or norm.running_mean is None
+        if not batch_stats:  # eval: fold the running statistics
+            u = x.mean(dim=(2, 3))
+            return u, norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
+        if N * H * W == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        var_nc, u = torch.var_mean(x, dim=(2, 3), correction=0)
+        var_between, mean = torch.var_mean(u, dim=0, correction=0)
+        var = var_nc.mean(0) + var_between
+        if norm.training and norm.track_running_stats:
+            _update_running_stats(norm, mean, var, N * H * W)
+        return u, mean, torch.rsqrt(var + norm.eps)
+    var_nc, u = torch.var_mean(x, dim=(2, 3), correction=0)
+    if isinstance(norm, nn.GroupNorm):
+        G = norm.num_groups
+        var_ng, mean_ng = torch.var_mean(u.view(N, G, C // G), dim=2, correction=0)
+        var_ng = var_ng + var_nc.view(N, G, C // G).mean(2)
+        invstd_ng = torch.rsqrt(var_ng + norm.eps)
+        return u, _per_channel(mean_ng, C), _per_channel(invstd_ng, C)
+    return u, u, torch.rsqrt(var_nc + norm.eps)  # instance norm
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, G) group values -> (N, C), each group's value repeated over its channels."""
+    N, G = t.shape
+    return t[:, :, None].expand(N, G, channels // G).reshape(N, channels)
+
+
+def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                          count: int) -> None:
+    """What F.batch_norm does to the buffers in training: unbiased variance, (cumulative) momentum."""
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        # a tensor, not float(): a compiled graph would break on reading the counter
+        momentum = 1.0 / norm.num_batches_tracked if norm.momentum is None else norm.momentum
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+        norm.running_var.lerp_((var * (count / (count - 1))).to(norm.running_var.dtype), momentum)
 
 
 def share_relay(layers: Sequence[HyperNorm]) -> StageRelay:
