@@ -84,6 +84,10 @@ class Result:
     base_mem_mb: float | None = None
     hyper_mem_mb: float | None = None
     mem_ratio: float | None = None
+    # --with-reference: the same HyperNorm network on its unfused reference path ("before")
+    reference_ms: float | None = None
+    reference_ratio: float | None = None
+    reference_mem_ratio: float | None = None
 
 
 class Runner:
@@ -169,24 +173,33 @@ class Runner:
 
 
 def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, hyper: str, setting: Setting,
-                 reps: int, iters: int, warmup: int, reference: bool) -> Result:
-    runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm in (base, hyper)]
-    memory = [runner.peak_memory() for runner in runners]
+                 reps: int, iters: int, warmup: int, with_reference: bool) -> Result:
+    """Time base, hyper (and hyper on its reference path) in interleaved repetitions."""
+    variants = [(base, False), (hyper, False)] + ([(hyper, True)] if with_reference else [])
+    runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm, reference in variants]
+    memory = [runner.peak_memory() for runner in runners]  # also the first warm-up iteration
     for runner in runners:
-        for _ in range(warmup):
+        for _ in range(warmup - 1):
             runner.step()
-    times: list[list[float]] = [[], []]
+    times: list[list[float]] = [[] for _ in runners]
     for rep in range(reps):
-        order = (0, 1) if rep % 2 == 0 else (1, 0)  # ABBA: neither side always runs first
+        order = list(range(len(runners)))
+        if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
+            order.reverse()
         for k in order:
             times[k].append(runners[k].time(iters))
-    ratios = [h / b for b, h in zip(*times)]
-    base_mem, hyper_mem = memory
+    ratios = [[t / b for b, t in zip(times[0], times[k])] for k in range(len(runners))]
     mb = (lambda v: None if v is None else v / 2**20)
-    return Result(model_name, size, batch, mode, setting.label(), base, hyper,
-                  1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]),
-                  statistics.median(ratios), [round(r, 4) for r in ratios], mb(base_mem), mb(hyper_mem),
-                  None if base_mem is None or hyper_mem is None else hyper_mem / base_mem)
+    mem_ratio = (lambda k: None if memory[0] is None or memory[k] is None else memory[k] / memory[0])
+    result = Result(model_name, size, batch, mode, setting.label(), base, hyper,
+                    1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]),
+                    statistics.median(ratios[1]), [round(r, 4) for r in ratios[1]], mb(memory[0]), mb(memory[1]),
+                    mem_ratio(1))
+    if with_reference:
+        result.reference_ms = 1e3 * statistics.median(times[2])
+        result.reference_ratio = statistics.median(ratios[2])
+        result.reference_mem_ratio = mem_ratio(2)
+    return result
 
 
 def device_info(device: str) -> dict:
@@ -218,13 +231,15 @@ def _cpu_name() -> str:
 
 
 def format_table(results: list[Result]) -> str:
+    with_reference = any(r.reference_ratio is not None for r in results)
     header = ("model", "size", "batch", "mode", "setting", "pair", "base ms", "hyper ms", "time ratio",
-              "mem ratio")
+              "mem ratio") + (("before: time ratio", "before: mem ratio") if with_reference else ())
+    fmt = (lambda v: "-" if v is None else f"{v:.3f}")
     rows = [header]
     for r in results:
         rows.append((r.model, str(r.input_size), str(r.batch), r.mode, r.setting, f"{r.hyper}/{r.base}",
-                     f"{r.base_ms:.1f}", f"{r.hyper_ms:.1f}", f"{r.ratio:.3f}",
-                     "-" if r.mem_ratio is None else f"{r.mem_ratio:.3f}"))
+                     f"{r.base_ms:.1f}", f"{r.hyper_ms:.1f}", fmt(r.ratio), fmt(r.mem_ratio))
+                    + ((fmt(r.reference_ratio), fmt(r.reference_mem_ratio)) if with_reference else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -241,22 +256,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="base norms; each is compared with its HyperNorm form")
     parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per network")
     parser.add_argument("--iters", type=int, default=0, help="iterations per repetition (0: by workload)")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per network (at least 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--all-settings", action="store_true",
                         help="CUDA: eager, compile, compile+channels_last+amp in one run")
-    parser.add_argument("--reference", action="store_true",
-                        help="run HyperNorm's unfused reference path (the 'before' numbers)")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also time the HyperNorm network on its unfused reference path (the 'before' numbers)")
+    parser.add_argument("--full", action="store_true",
+                        help="CPU: also GN/GHN on ResNet-50 at batch 32 (GroupNorm's CPU kernels: minutes a step)")
     parser.add_argument("--quick", action="store_true",
                         help="short run: batch 8 only, 3 repetitions")
     parser.add_argument("--json", help="write the results and the device description here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
-    if args.reps < 1 or args.iters < 0:
-        parser.error("--reps must be >= 1 and --iters >= 0")
+    if args.reps < 1 or args.iters < 0 or args.warmup < 1:
+        parser.error("--reps and --warmup must be >= 1 and --iters >= 0")
     return args
 
 
@@ -287,13 +304,18 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches or batches:
                 for mode in args.modes:
                     for base in args.pairs:
+                        if (args.device == "cpu" and not args.full and base == "gn" and model_name == "resnet50"
+                                and batch > 8):
+                            continue
                         iters = args.iters or default_iters(model_name, batch, mode, args.device)
                         result = measure_pair(model_name, size, batch, mode, base, PAIRS[base], setting,
-                                              args.reps, iters, args.warmup, args.reference)
+                                              args.reps, iters, args.warmup, args.with_reference)
                         results.append(result)
                         print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
                               f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"
-                              f" (reps {result.ratios}), mem ratio {result.mem_ratio}", flush=True)
+                              f" (reps {result.ratios}), mem ratio {result.mem_ratio}"
+                              + (f"; reference path {result.reference_ms:.1f} ms, ratio {result.reference_ratio:.3f},"
+                                 f" mem ratio {result.reference_mem_ratio}" if args.with_reference else ""), flush=True)
     print()
     print(format_table(results))
     if args.json:
