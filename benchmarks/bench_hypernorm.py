@@ -268,6 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="CPU: also GN/GHN on ResNet-50 at batch 32 (GroupNorm's CPU kernels: minutes a step)")
     parser.add_argument("--quick", action="store_true",
                         help="short run: batch 8 only, 3 repetitions")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice); on a "
+                        "machine shared with other jobs, 1 thread gives steadier ratios")
     parser.add_argument("--json", help="write the results and the device description here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -287,6 +289,8 @@ def default_iters(model_name: str, batch: int, mode: str, device: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.reps, args.batches = 3, [8]
     if args.all_settings:

@@ -97,7 +97,8 @@ class HyperNorm(nn.Module):
         scale = h * invstd
         shift = torch.addcmul(c, mean, scale, value=-1)
         scale, shift = scale.to(x.dtype), shift.to(x.dtype)  # autocast: y in x's dtype, as the norm gives
-        return torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+        # mul then add_: on CPU a broadcasting addcmul is several times slower than the two
+        return torch.mul(x, scale[:, :, None, None]).add_(shift[:, :, None, None])
 
     def _follow(self, relay: StageRelay) -> None:
         """Use ``relay`` without registering it: the stage's first layer owns it in the state_dict."""
@@ -128,32 +129,31 @@ def _can_fuse(norm: nn.Module) -> bool:
 def _moments(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(GAP(x), mu, 1/sigma) for the standardizer ``norm``, each of shape (N, C) or (C,).
 
-    One pass over x gives the mean and variance of every (sample, channel); the batch or group
-    statistics follow from them by the law of total variance (equal group sizes), and the means are
-    the GAP that feeds the LSTM. Batch norms in training update their running statistics here.
+    One pass over x gives the mean and the mean square of every (sample, channel) (two fast inner
+    reductions; the CPU's var_mean over (H, W) is many times slower). The batch or group statistics
+    follow from them, and the means are the GAP that feeds the LSTM. Batch norms in training update
+    their running statistics here, as F.batch_norm does.
     """
     N, C, H, W = x.shape
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None):
+        return x.mean(dim=(2, 3)), norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)  # eval: fold
+    flat = x.flatten(2)
+    u = flat.mean(dim=2)
+    square = torch.linalg.vecdot(flat, flat) / (H * W)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        batch_stats = norm.training or norm.running_mean is None
-        if not batch_stats:  # eval: fold the running statistics
-            u = x.mean(dim=(2, 3))
-            return u, norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)
         if N * H * W == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        var_nc, u = torch.var_mean(x, dim=(2, 3), correction=0)
-        var_between, mean = torch.var_mean(u, dim=0, correction=0)
-        var = var_nc.mean(0) + var_between
+        mean = u.mean(0)
+        var = (square.mean(0) - mean * mean).clamp_min(0)  # clamp: rounding may leave a tiny negative
         if norm.training and norm.track_running_stats:
             _update_running_stats(norm, mean, var, N * H * W)
         return u, mean, torch.rsqrt(var + norm.eps)
-    var_nc, u = torch.var_mean(x, dim=(2, 3), correction=0)
     if isinstance(norm, nn.GroupNorm):
         G = norm.num_groups
-        var_ng, mean_ng = torch.var_mean(u.view(N, G, C // G), dim=2, correction=0)
-        var_ng = var_ng + var_nc.view(N, G, C // G).mean(2)
-        invstd_ng = torch.rsqrt(var_ng + norm.eps)
-        return u, _per_channel(mean_ng, C), _per_channel(invstd_ng, C)
-    return u, u, torch.rsqrt(var_nc + norm.eps)  # instance norm
+        mean_ng = u.view(N, G, C // G).mean(2)
+        var_ng = (square.view(N, G, C // G).mean(2) - mean_ng * mean_ng).clamp_min(0)
+        return u, _per_channel(mean_ng, C), _per_channel(torch.rsqrt(var_ng + norm.eps), C)
+    return u, u, torch.rsqrt((square - u * u).clamp_min(0) + norm.eps)  # instance norm
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
