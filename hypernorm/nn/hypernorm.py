@@ -96,7 +96,8 @@ class HyperNorm(nn.Module):
         relay.weights = None if self.ends_stage else weights
         scale = h * invstd
         shift = torch.addcmul(c, mean, scale, value=-1)
-        scale, shift = scale.to(x.dtype), shift.to(x.dtype)  # autocast: y in x's dtype, as the norm gives
+        if scale.dtype != x.dtype:  # autocast: y in x's dtype, as the norm gives
+            scale, shift = scale.to(x.dtype), shift.to(x.dtype)
         # mul then add_: on CPU a broadcasting addcmul is several times slower than the two
         return torch.mul(x, scale[:, :, None, None]).add_(shift[:, :, None, None])
 

@@ -60,7 +60,7 @@ class TrimmedLSTMCell(nn.Module):
             h, c = state
             hu = torch.cat([u, h], dim=1)
         # [u, h] @ blockdiag(W0_in, W0_hid)^T = [W0_in u, W0_hid h]; then W1_in r_u + W1_hid r_h in one GEMM
-        gates = torch.addmm(b1, torch.relu(torch.addmm(b0, hu, w0.t())), w1.t())
+        gates = torch.addmm(b1, torch.relu(torch.addmm(b0, hu, w0)), w1)
         s = torch.sigmoid(gates)  # the g quarter is unused; one kernel over all four beats three slices
         i, f, o = s[:, :C], s[:, C:2 * C], s[:, 3 * C:]
         g = torch.tanh(gates[:, 2 * C:3 * C])
@@ -68,14 +68,15 @@ class TrimmedLSTMCell(nn.Module):
         return o * torch.sigmoid(c), c
 
     def fused_weights(self) -> FusedWeights:
-        """(W0, b0, W1, b1) such that gates = W1 relu(W0 [u; h] + b0) + b1 equals
-        input_map(u) + hidden_map(h). Differentiable: gradients reach the four Linear layers."""
+        """(W0, b0, W1, b1) such that gates = relu([u, h] @ W0 + b0) @ W1 + b1 equals
+        input_map(u) + hidden_map(h) (weights stored transposed, ready for addmm). Differentiable:
+        gradients reach the four Linear layers."""
         first_in, second_in = self.input_map[0], self.input_map[2]
         first_hid, second_hid = self.hidden_map[0], self.hidden_map[2]
         w0 = torch.block_diag(first_in.weight, first_hid.weight)
         b0 = torch.cat([first_in.bias, first_hid.bias])
         w1 = torch.cat([second_in.weight, second_hid.weight], dim=1)
-        return w0, b0, w1, second_in.bias + second_hid.bias
+        return w0.t(), b0, w1.t(), second_in.bias + second_hid.bias
 
     def forward_reference(
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None

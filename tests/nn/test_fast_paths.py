@@ -67,9 +67,9 @@ def test_lstm_step_matches_reference(with_state):
 def test_fused_weights_are_both_gate_maps():
     cell = TrimmedLSTMCell(8, reduction=2)
     w0, b0, w1, b1 = cell.fused_weights()
-    assert w0.shape == (8, 16) and w1.shape == (32, 8)
+    assert w0.shape == (16, 8) and w1.shape == (8, 32)
     u, h = torch.randn(3, 8), torch.randn(3, 8)
-    gates = torch.relu(torch.cat([u, h], 1) @ w0.t() + b0) @ w1.t() + b1
+    gates = torch.relu(torch.cat([u, h], 1) @ w0 + b0) @ w1 + b1
     torch.testing.assert_close(gates, cell.input_map(u) + cell.hidden_map(h))
 
 
