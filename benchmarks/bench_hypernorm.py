@@ -135,14 +135,14 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time(self, iters: int) -> float:
+    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
         """Seconds per iteration over ``iters`` iterations."""
         self.sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(iters):
             self.step()
         self.sync()
-        return (time.perf_counter() - start) / iters
+        return (clock() - start) / iters
 
     def peak_memory(self) -> float | None:
         """Peak bytes of one iteration (see the module docstring for what CPU counts)."""
@@ -173,7 +173,8 @@ class Runner:
 
 
 def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, hyper: str, setting: Setting,
-                 reps: int, iters: int, warmup: int, with_reference: bool) -> Result:
+                 reps: int, iters: int, warmup: int, with_reference: bool,
+                 clock: Callable[[], float] = time.perf_counter) -> Result:
     """Time base, hyper (and hyper on its reference path) in interleaved repetitions."""
     variants = [(base, False), (hyper, False)] + ([(hyper, True)] if with_reference else [])
     runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm, reference in variants]
@@ -187,7 +188,7 @@ def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, h
         if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
             order.reverse()
         for k in order:
-            times[k].append(runners[k].time(iters))
+            times[k].append(runners[k].time(iters, clock))
     ratios = [[t / b for b, t in zip(times[0], times[k])] for k in range(len(runners))]
     mb = (lambda v: None if v is None else v / 2**20)
     mem_ratio = (lambda k: None if memory[0] is None or memory[k] is None else memory[k] / memory[0])
@@ -270,10 +271,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="short run: batch 8 only, 3 repetitions")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice); on a "
                         "machine shared with other jobs, 1 thread gives steadier ratios")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time (CPU only); with --threads 1 it leaves out the time "
+                        "other jobs hold the cores, which steadies ratios on a shared machine")
     parser.add_argument("--json", help="write the results and the device description here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process measures CPU time; on CUDA use the default wall clock")
     if args.reps < 1 or args.iters < 0 or args.warmup < 1:
         parser.error("--reps and --warmup must be >= 1 and --iters >= 0")
     return args
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = [Setting(args.device, args.compile, args.channels_last, args.amp)]
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
-          f"{info['torch_threads']} threads, env {info['env'] or '{}'}", flush=True)
+          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}", flush=True)
     results: list[Result] = []
     for setting in settings:
         for model_name in args.models:
@@ -313,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         iters = args.iters or default_iters(model_name, batch, mode, args.device)
                         result = measure_pair(model_name, size, batch, mode, base, PAIRS[base], setting,
-                                              args.reps, iters, args.warmup, args.with_reference)
+                                              args.reps, iters, args.warmup, args.with_reference,
+                                              time.process_time if args.clock == "process" else time.perf_counter)
                         results.append(result)
                         print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
                               f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"

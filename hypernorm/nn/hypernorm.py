@@ -98,6 +98,8 @@ class HyperNorm(nn.Module):
         shift = torch.addcmul(c, mean, scale, value=-1)
         if scale.dtype != x.dtype:  # autocast: y in x's dtype, as the norm gives
             scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        if _eager_autograd(x):
+            return _Affine.apply(x, scale, shift)
         # mul then add_: on CPU a broadcasting addcmul is several times slower than the two
         return torch.mul(x, scale[:, :, None, None]).add_(shift[:, :, None, None])
 
@@ -138,9 +140,7 @@ def _moments(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     N, C, H, W = x.shape
     if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None):
         return x.mean(dim=(2, 3)), norm.running_mean, torch.rsqrt(norm.running_var + norm.eps)  # eval: fold
-    flat = x.flatten(2)
-    u = flat.mean(dim=2)
-    square = torch.linalg.vecdot(flat, flat) / (H * W)
+    u, square = _SampleMoments.apply(x) if _eager_autograd(x) else _sample_moments(x)
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         if N * H * W == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -155,6 +155,57 @@ def _moments(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
         var_ng = (square.view(N, G, C // G).mean(2) - mean_ng * mean_ng).clamp_min(0)
         return u, _per_channel(mean_ng, C), _per_channel(torch.rsqrt(var_ng + norm.eps), C)
     return u, u, torch.rsqrt((square - u * u).clamp_min(0) + norm.eps)  # instance norm
+
+
+def _sample_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square over (H, W) of every (sample, channel), each (N, C)."""
+    return x.mean(dim=(2, 3)), _sum_of_products(x, x) / (x.shape[2] * x.shape[3])
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over (H, W) of a * b, (N, C), without materializing a * b where the layout allows."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.linalg.vecdot(a.flatten(2), b.flatten(2))
+    return (a * b).sum(dim=(2, 3))  # e.g. channels-last: flatten(2) would copy both
+
+
+def _eager_autograd(x: torch.Tensor) -> bool:
+    """Whether eager autograd will record x's graph: then the hand-written backwards below save passes.
+    A compiled graph fuses the plain ops by itself."""
+    return x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+class _SampleMoments(torch.autograd.Function):
+    """:func:`_sample_moments` with a one-pass backward: dx = dm / HW + x * 2 dq / HW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x)
+        return _sample_moments(x)
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor | None, grad_square: torch.Tensor | None) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        count = x.shape[2] * x.shape[3]
+        grad = (grad_mean / count)[:, :, None, None] if grad_mean is not None else x.new_zeros(())
+        if grad_square is None:
+            return grad.expand_as(x).clone(memory_format=torch.preserve_format)
+        return torch.mul(x, (grad_square * (2 / count))[:, :, None, None]).add_(grad)
+
+
+class _Affine(torch.autograd.Function):
+    """y = x * scale + shift with per-(sample, channel) scale and shift; the backward reads the gradient
+    and x once each instead of materializing grad * x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        return torch.mul(x, scale[:, :, None, None]).add_(shift[:, :, None, None])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, scale = ctx.saved_tensors
+        return grad * scale[:, :, None, None], _sum_of_products(grad, x), grad.sum(dim=(2, 3))
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
