@@ -36,6 +36,10 @@ def settings() -> dict[str, dict[str, str] | None]:
         "glibc default": {},
         "glibc thresholds 1 GiB": dict(THRESHOLDS),
         "jemalloc": None if jemalloc is None else {"LD_PRELOAD": jemalloc},
+        # by default jemalloc purges the pages of blocks over 8 MiB (oversize_threshold) as they are freed,
+        # and feature maps are larger: keep them instead
+        "jemalloc, keep pages": None if jemalloc is None else {
+            "LD_PRELOAD": jemalloc, "MALLOC_CONF": "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"},
         "tcmalloc": None if tcmalloc is None else {"LD_PRELOAD": tcmalloc},
     }
 
@@ -82,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if env is None:
             print(f"{name:24s} not installed (Debian: apt-get install libjemalloc2 libtcmalloc-minimal4)")
             continue
-        full_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", *THRESHOLDS)} | env
+        full_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", *THRESHOLDS)} | env
         out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *child_args],
                              env=full_env, capture_output=True, text=True)
         if out.returncode != 0:
