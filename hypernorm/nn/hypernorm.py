@@ -71,9 +71,25 @@ class HyperNorm(nn.Module):
             raise ValueError(
                 f"{self.name}: expected input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        if self.fused and _can_fuse(self.norm):
+        if not self.fused:
+            return self._forward_reference(x)
+        if _can_fuse(self.norm) and not _small_eager_training(x):
             return self._forward_fused(x)
-        return self._forward_reference(x)
+        # the standardizer's own kernel, then the affine; the LSTM step still as two GEMMs
+        h, c = self._lstm_step(x.mean(dim=(2, 3)))
+        return torch.addcmul(c[:, :, None, None], self.norm(x), h[:, :, None, None])
+
+    def _lstm_step(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, c) from the relayed state; the cell's fused weights are built at the stage's first layer
+        and reused by the others."""
+        relay = self.relay
+        weights = relay.weights if not self.starts_stage and relay.weights is not None else None
+        if weights is None:
+            weights = relay.cell.fused_weights()
+        h, c = relay.cell(u, None if self.starts_stage else relay.state, weights)
+        relay.state = None if self.ends_stage else (h, c)
+        relay.weights = None if self.ends_stage else weights
+        return h, c
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c."""
@@ -85,15 +101,8 @@ class HyperNorm(nn.Module):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Same result in two passes over x: one for the statistics (the per-sample means are GAP(x)),
         one for y = x * scale + shift with scale = h / sigma and shift = c - h * mu / sigma."""
-        relay = self.relay
         u, mean, invstd = _moments(self.norm, x)
-        # the cell's fused weights are built at the stage's first layer and reused by the others
-        weights = relay.weights if not self.starts_stage and relay.weights is not None else None
-        if weights is None:
-            weights = relay.cell.fused_weights()
-        h, c = relay.cell(u, None if self.starts_stage else relay.state, weights)
-        relay.state = None if self.ends_stage else (h, c)
-        relay.weights = None if self.ends_stage else weights
+        h, c = self._lstm_step(u)
         scale = h * invstd
         shift = torch.addcmul(c, mean, scale, value=-1)
         if scale.dtype != x.dtype:  # autocast: y in x's dtype, as the norm gives
@@ -113,6 +122,15 @@ class HyperNorm(nn.Module):
     def extra_repr(self) -> str:
         role = "owns the stage LSTM" if self.starts_stage else "relays the stage LSTM"
         return f"{self.num_features}, {role}, ends_stage={self.ends_stage}"
+
+
+# Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
+# over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
+SMALL_EAGER_TRAINING_NUMEL = 1 << 18
+
+
+def _small_eager_training(x: torch.Tensor) -> bool:
+    return x.numel() < SMALL_EAGER_TRAINING_NUMEL and _eager_autograd(x)
 
 
 def _can_fuse(norm: nn.Module) -> bool:

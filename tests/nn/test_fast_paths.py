@@ -7,10 +7,20 @@ import torch
 from torch import nn
 
 from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert, share_relay
+from hypernorm.nn import hypernorm as hypernorm_module
 
 from ..conftest import TinyNet
 
 TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(params=["one-pass", "native-norm"])
+def eager_path(request, monkeypatch):
+    """Eager training picks the one-pass path for large feature maps and the native norm kernel (with the
+    two-GEMM LSTM) for small ones; the size limit is moved so that both are tested on small tensors."""
+    limit = 0 if request.param == "one-pass" else 1 << 40
+    monkeypatch.setattr(hypernorm_module, "SMALL_EAGER_TRAINING_NUMEL", limit)
+    return request.param
 
 
 def set_fused(model: nn.Module, fused: bool) -> nn.Module:
@@ -75,7 +85,7 @@ def test_fused_weights_are_both_gate_maps():
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "in", "ln"])
 @pytest.mark.parametrize("training", [True, False])
-def test_layer_fused_matches_reference(norm, training):
+def test_layer_fused_matches_reference(norm, training, eager_path):
     fused = HyperNorm(8, norm)
     if training is False and norm == "bn":  # non-trivial running statistics to fold
         fused.norm.running_mean.uniform_(-1, 1)
@@ -92,7 +102,7 @@ def test_layer_fused_matches_reference(norm, training):
 
 
 @pytest.mark.parametrize("momentum, track", [(None, True), (0.1, False)])
-def test_batchnorm_options_match_reference(momentum, track):
+def test_batchnorm_options_match_reference(momentum, track, eager_path):
     standardizer = nn.BatchNorm2d(6, affine=False, momentum=momentum, track_running_stats=track)
     fused = HyperNorm(6, standardizer)
     reference = copy.deepcopy(fused)
@@ -107,7 +117,7 @@ def test_batchnorm_options_match_reference(momentum, track):
     torch.testing.assert_close(fused(x), reference(x), **TOL)
 
 
-def test_relayed_stage_fused_matches_reference():
+def test_relayed_stage_fused_matches_reference(eager_path):
     layers = [HyperNorm(6, "bn") for _ in range(3)]
     share_relay(layers)
     stage = nn.Sequential(*layers)
@@ -119,7 +129,7 @@ def test_relayed_stage_fused_matches_reference():
 
 @pytest.mark.parametrize("norm", ["bhn", "ghn"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_network_fused_matches_reference(norm, mode):
+def test_network_fused_matches_reference(norm, mode, eager_path):
     model = convert(TinyNet(), norm)
     model.train()
     model(torch.randn(8, 3, 8, 8))  # running statistics away from their initial values
@@ -129,7 +139,7 @@ def test_network_fused_matches_reference(norm, mode):
     assert_same_run(run(model, x), run(reference, x))
 
 
-def test_channels_last_input():
+def test_channels_last_input(eager_path):
     model = convert(TinyNet(), "bhn").to(memory_format=torch.channels_last)
     reference = set_fused(copy.deepcopy(model), False)
     x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
@@ -185,7 +195,7 @@ def test_compiled_fullgraph_matches_reference(norm):
         torch.testing.assert_close(compiled(x), reference(x), **TOL)
 
 
-def test_input_without_grad_takes_plain_ops_with_same_gradients():
+def test_input_without_grad_takes_plain_ops_with_same_gradients(eager_path):
     # the hand-written backwards serve inputs that need a gradient; parameters alone use autograd's ops
     fused = HyperNorm(6, "bn")
     reference = copy.deepcopy(fused)
