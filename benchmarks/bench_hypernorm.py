@@ -1,0 +1,342 @@
+"""Cost of HyperNorm against the norm it replaces: BHN/BN and GHN/GN ratios measured side by side.
+
+For each (model, batch, mode) the two networks of a pair are built with the same seed and timed in
+interleaved repetitions (A B B A A B ...), so that drift in a shared machine's load hits both alike; each
+repetition gives one ratio hyper/base and the table reports medians. Modes: ``train`` (forward, backward,
+SGD step) and ``infer`` (eval forward under ``torch.inference_mode``).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU, where PyTorch keeps no such counter,
+the bytes a training step holds at its peak: parameters, gradients and momentum plus every tensor saved for
+backward (storages counted once).
+
+    PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --quick
+    PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --json runs/bench.json
+    PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --device cuda --compile --channels-last --amp
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+
+import hypernorm
+from hypernorm.nn import HyperNorm
+
+# (model, input size, batch sizes) of the issue: ResNet-50 at 224 and ResNet-164 at 32.
+CONFIGS = {"resnet50": (224, (32, 8)), "resnet164": (32, (128, 8))}
+PAIRS = {"bn": "bhn", "gn": "ghn"}
+
+
+def build(model_name: str, norm: str) -> nn.Module:
+    if model_name == "resnet50":
+        if norm in ("bn", "bhn"):
+            model = torchvision.models.resnet50()
+        else:  # GroupNorm(32) everywhere, the usual GN ResNet-50
+            model = torchvision.models.resnet50(norm_layer=lambda c: nn.GroupNorm(32, c))
+        if norm.endswith("hn"):
+            hypernorm.convert(model, "hn")  # keeps each replaced norm's type: BN -> BHN, GN -> GHN
+        return model
+    return hypernorm.create_model(model_name, norm)
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, HyperNorm):
+            module.fused = fused
+
+
+@dataclass
+class Setting:
+    device: str
+    compile: bool = False
+    channels_last: bool = False
+    amp: bool = False
+
+    def label(self) -> str:
+        flags = [name for name in ("compile", "channels_last", "amp") if getattr(self, name)]
+        return "+".join(flags) or "eager"
+
+
+@dataclass
+class Result:
+    model: str
+    input_size: int
+    batch: int
+    mode: str
+    setting: str
+    base: str
+    hyper: str
+    base_ms: float  # median time per iteration
+    hyper_ms: float
+    ratio: float  # median of the per-repetition ratios hyper/base
+    ratios: list[float] = field(default_factory=list)
+    base_mem_mb: float | None = None
+    hyper_mem_mb: float | None = None
+    mem_ratio: float | None = None
+    # --with-reference: the same HyperNorm network on its unfused reference path ("before")
+    reference_ms: float | None = None
+    reference_ratio: float | None = None
+    reference_mem_ratio: float | None = None
+
+
+class Runner:
+    """One network, ready to time a training step or an inference pass on a fixed random batch."""
+
+    def __init__(self, model_name: str, norm: str, batch: int, size: int, mode: str, setting: Setting,
+                 reference: bool) -> None:
+        torch.manual_seed(0)
+        device = torch.device(setting.device)
+        self.device = device
+        self.setting = setting
+        model = build(model_name, norm)
+        if reference:
+            set_fused(model, False)
+        fmt = torch.channels_last if setting.channels_last else torch.contiguous_format
+        self.model = model.to(device, memory_format=fmt).train(mode == "train")
+        self.x = torch.randn(batch, 3, size, size, device=device).to(memory_format=fmt)
+        num_classes = 1000 if model_name == "resnet50" else 100
+        self.y = torch.randint(0, num_classes, (batch,), device=device)
+        self.mode = mode
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.loss = nn.CrossEntropyLoss()
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if setting.compile:
+            self.forward = torch.compile(self.model)
+
+    def autocast(self):
+        if self.setting.amp:
+            dtype = torch.bfloat16 if self.device.type == "cpu" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return contextlib.nullcontext()
+
+    def step(self) -> None:
+        if self.mode == "train":
+            self.optimizer.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss(self.forward(self.x), self.y)
+            loss.backward()
+            self.optimizer.step()
+        else:
+            with torch.inference_mode(), self.autocast():
+                self.forward(self.x)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
+        """Seconds per iteration over ``iters`` iterations."""
+        self.sync()
+        start = clock()
+        for _ in range(iters):
+            self.step()
+        self.sync()
+        return (clock() - start) / iters
+
+    def peak_memory(self) -> float | None:
+        """Peak bytes of one iteration (see the module docstring for what CPU counts)."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            self.sync()
+            return float(torch.cuda.max_memory_allocated())
+        if self.mode != "train":
+            return None
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+            loss = self.loss(self.forward(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+        for p in self.model.parameters():
+            storages[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+        param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return float(sum(storages.values()) + 2 * param_bytes)  # + gradients and momentum
+
+
+def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, hyper: str, setting: Setting,
+                 reps: int, iters: int, warmup: int, with_reference: bool,
+                 clock: Callable[[], float] = time.perf_counter) -> Result:
+    """Time base, hyper (and hyper on its reference path) in interleaved repetitions."""
+    variants = [(base, False), (hyper, False)] + ([(hyper, True)] if with_reference else [])
+    runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm, reference in variants]
+    memory = [runner.peak_memory() for runner in runners]  # also the first warm-up iteration
+    for runner in runners:
+        for _ in range(warmup - 1):
+            runner.step()
+    times: list[list[float]] = [[] for _ in runners]
+    for rep in range(reps):
+        order = list(range(len(runners)))
+        if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
+            order.reverse()
+        for k in order:
+            times[k].append(runners[k].time(iters, clock))
+    ratios = [[t / b for b, t in zip(times[0], times[k])] for k in range(len(runners))]
+    mb = (lambda v: None if v is None else v / 2**20)
+    mem_ratio = (lambda k: None if memory[0] is None or memory[k] is None else memory[k] / memory[0])
+    result = Result(model_name, size, batch, mode, setting.label(), base, hyper,
+                    1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]),
+                    statistics.median(ratios[1]), [round(r, 4) for r in ratios[1]], mb(memory[0]), mb(memory[1]),
+                    mem_ratio(1))
+    if with_reference:
+        result.reference_ms = 1e3 * statistics.median(times[2])
+        result.reference_ratio = statistics.median(ratios[2])
+        result.reference_mem_ratio = mem_ratio(2)
+    return result
+
+
+def device_info(device: str) -> dict:
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "env": {k: os.environ[k] for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                           "OMP_NUM_THREADS", "MALLOC_CONF") if k in os.environ},
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def format_table(results: list[Result]) -> str:
+    with_reference = any(r.reference_ratio is not None for r in results)
+    header = ("model", "size", "batch", "mode", "setting", "pair", "base ms", "hyper ms", "time ratio",
+              "mem ratio") + (("before: time ratio", "before: mem ratio") if with_reference else ())
+    fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+    rows = [header]
+    for r in results:
+        rows.append((r.model, str(r.input_size), str(r.batch), r.mode, r.setting, f"{r.hyper}/{r.base}",
+                     f"{r.base_ms:.1f}", f"{r.hyper_ms:.1f}", fmt(r.ratio), fmt(r.mem_ratio))
+                    + ((fmt(r.reference_ratio), fmt(r.reference_mem_ratio)) if with_reference else ()))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: per model, see CONFIGS)")
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS),
+                        help="base norms; each is compared with its HyperNorm form")
+    parser.add_argument("--reps", type=int, default=5, help="interleaved repetitions per network")
+    parser.add_argument("--iters", type=int, default=0, help="iterations per repetition (0: by workload)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per network (at least 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--all-settings", action="store_true",
+                        help="CUDA: eager, compile, compile+channels_last+amp in one run")
+    parser.add_argument("--with-reference", action="store_true",
+                        help="also time the HyperNorm network on its unfused reference path (the 'before' numbers)")
+    parser.add_argument("--full", action="store_true",
+                        help="CPU: also GN/GHN on ResNet-50 at batch 32 (GroupNorm's CPU kernels: minutes a step)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short run: batch 8 only, 3 repetitions")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice); on a "
+                        "machine shared with other jobs, 1 thread gives steadier ratios")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="process: this process's CPU time (CPU only); with --threads 1 it leaves out the time "
+                        "other jobs hold the cores, which steadies ratios on a shared machine")
+    parser.add_argument("--json", help="write the results and the device description here")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.clock == "process" and args.device != "cpu":
+        parser.error("--clock process measures CPU time; on CUDA use the default wall clock")
+    if args.reps < 1 or args.iters < 0 or args.warmup < 1:
+        parser.error("--reps and --warmup must be >= 1 and --iters >= 0")
+    return args
+
+
+def default_iters(model_name: str, batch: int, mode: str, device: str) -> int:
+    if device.startswith("cuda"):
+        return 20
+    # CPU: keep each repetition near a second (ResNet-50 batch 32 training is several seconds already)
+    work = (49 if model_name == "resnet50" else 1) * batch * (3 if mode == "train" else 1)
+    return max(1, min(20, round(300 / work)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.reps, args.batches = 3, [8]
+    if args.all_settings:
+        settings = [Setting(args.device), Setting(args.device, compile=True),
+                    Setting(args.device, compile=True, channels_last=True, amp=True)]
+    else:
+        settings = [Setting(args.device, args.compile, args.channels_last, args.amp)]
+    info = device_info(args.device)
+    print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
+          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}", flush=True)
+    results: list[Result] = []
+    for setting in settings:
+        for model_name in args.models:
+            size, batches = CONFIGS[model_name]
+            for batch in args.batches or batches:
+                for mode in args.modes:
+                    for base in args.pairs:
+                        if (args.device == "cpu" and not args.full and base == "gn" and model_name == "resnet50"
+                                and batch > 8):
+                            continue
+                        iters = args.iters or default_iters(model_name, batch, mode, args.device)
+                        result = measure_pair(model_name, size, batch, mode, base, PAIRS[base], setting,
+                                              args.reps, iters, args.warmup, args.with_reference,
+                                              time.process_time if args.clock == "process" else time.perf_counter)
+                        results.append(result)
+                        print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
+                              f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"
+                              f" (reps {result.ratios}), mem ratio {result.mem_ratio}"
+                              + (f"; reference path {result.reference_ms:.1f} ms, ratio {result.reference_ratio:.3f},"
+                                 f" mem ratio {result.reference_mem_ratio}" if args.with_reference else ""), flush=True)
+    print()
+    print(format_table(results))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"device": info, "command": " ".join(sys.argv), "args": vars(args),
+                       "results": [asdict(r) for r in results]}, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The fused paths (HyperNorm's one-pass standardize-and-affine, the two-GEMM LSTM step) against the
+readable reference paths: same outputs, same gradients, same running statistics."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert, share_relay
+from hypernorm.nn import hypernorm as hypernorm_module
+
+from ..conftest import TinyNet
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(params=["one-pass", "native-norm"])
+def eager_path(request, monkeypatch):
+    """Eager training picks the one-pass path for large feature maps and the native norm kernel (with the
+    two-GEMM LSTM) for small ones; the size limit is moved so that both are tested on small tensors."""
+    limit = 0 if request.param == "one-pass" else 1 << 40
+    monkeypatch.setattr(hypernorm_module, "SMALL_EAGER_TRAINING_NUMEL", limit)
+    return request.param
+
+
+def set_fused(model: nn.Module, fused: bool) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, HyperNorm):
+            module.fused = fused
+    return model
+
+
+def grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def run(model: nn.Module, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Output, input gradient and parameter gradients of a loss that weighs every output differently."""
+    x = x.clone().requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    y = (forward if forward is not None else model)(x)
+    (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), x.grad, grads(model)
+
+
+def assert_same_run(a, b, **tol):
+    torch.testing.assert_close(a[0], b[0], **(tol or TOL))
+    torch.testing.assert_close(a[1], b[1], **(tol or TOL))
+    assert a[2].keys() == b[2].keys()
+    for name in a[2]:
+        torch.testing.assert_close(a[2][name], b[2][name], **(tol or TOL), msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_lstm_step_matches_reference(with_state):
+    cell = TrimmedLSTMCell(12, reduction=4)
+    u = torch.randn(5, 12, requires_grad=True)
+    state = (torch.rand(5, 12, requires_grad=True), torch.randn(5, 12, requires_grad=True)) if with_state else None
+    outputs = []
+    for step in (cell.forward, cell.forward_reference):
+        cell.zero_grad(set_to_none=True)
+        h, c = step(u, state)
+        (h.sum() + (c * c).sum()).backward()
+        inputs = [u] + (list(state) if state else [])
+        outputs.append((h.detach(), c.detach(), [t.grad.clone() for t in inputs], grads(cell)))
+        for t in inputs:
+            t.grad = None
+    (h1, c1, in1, p1), (h2, c2, in2, p2) = outputs
+    torch.testing.assert_close(h1, h2, **TOL)
+    torch.testing.assert_close(c1, c2, **TOL)
+    for g1, g2 in zip(in1, in2):
+        torch.testing.assert_close(g1, g2, **TOL)
+    for name in p1:
+        torch.testing.assert_close(p1[name], p2[name], **TOL)
+
+
+def test_fused_weights_are_both_gate_maps():
+    cell = TrimmedLSTMCell(8, reduction=2)
+    w0, b0, w1, b1 = cell.fused_weights()
+    assert w0.shape == (16, 8) and w1.shape == (8, 32)
+    u, h = torch.randn(3, 8), torch.randn(3, 8)
+    gates = torch.relu(torch.cat([u, h], 1) @ w0 + b0) @ w1 + b1
+    torch.testing.assert_close(gates, cell.input_map(u) + cell.hidden_map(h))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "in", "ln"])
+@pytest.mark.parametrize("training", [True, False])
+def test_layer_fused_matches_reference(norm, training, eager_path):
+    fused = HyperNorm(8, norm)
+    if training is False and norm == "bn":  # non-trivial running statistics to fold
+        fused.norm.running_mean.uniform_(-1, 1)
+        fused.norm.running_var.uniform_(0.5, 2)
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    fused.train(training), reference.train(training)
+    x = torch.randn(4, 8, 5, 6) * 2 + 0.7
+    assert_same_run(run(fused, x), run(reference, x))
+    if norm == "bn" and training:  # running statistics moved identically, over two steps
+        run(fused, x + 1), run(reference, x + 1)
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(fused.norm, key), getattr(reference.norm, key), **TOL)
+
+
+@pytest.mark.parametrize("momentum, track", [(None, True), (0.1, False)])
+def test_batchnorm_options_match_reference(momentum, track, eager_path):
+    standardizer = nn.BatchNorm2d(6, affine=False, momentum=momentum, track_running_stats=track)
+    fused = HyperNorm(6, standardizer)
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    for step in range(3):
+        x = torch.randn(3, 6, 4, 4) + step
+        assert_same_run(run(fused, x), run(reference, x))
+    if track:
+        torch.testing.assert_close(fused.norm.running_var, reference.norm.running_var, **TOL)
+    fused.eval(), reference.eval()
+    x = torch.randn(2, 6, 4, 4)
+    torch.testing.assert_close(fused(x), reference(x), **TOL)
+
+
+def test_relayed_stage_fused_matches_reference(eager_path):
+    layers = [HyperNorm(6, "bn") for _ in range(3)]
+    share_relay(layers)
+    stage = nn.Sequential(*layers)
+    reference = set_fused(copy.deepcopy(stage), False)
+    x = torch.randn(4, 6, 3, 3)
+    assert_same_run(run(stage, x), run(reference, x))
+    assert layers[0].relay.state is None and layers[0].relay.weights is None, "nothing survives the pass"
+
+
+@pytest.mark.parametrize("norm", ["bhn", "ghn"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_network_fused_matches_reference(norm, mode, eager_path):
+    model = convert(TinyNet(), norm)
+    model.train()
+    model(torch.randn(8, 3, 8, 8))  # running statistics away from their initial values
+    getattr(model, mode)()
+    reference = set_fused(copy.deepcopy(model), False)
+    x = torch.randn(4, 3, 8, 8)
+    assert_same_run(run(model, x), run(reference, x))
+
+
+def test_channels_last_input(eager_path):
+    model = convert(TinyNet(), "bhn").to(memory_format=torch.channels_last)
+    reference = set_fused(copy.deepcopy(model), False)
+    x = torch.randn(4, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert_same_run(run(model, x), run(reference, x))
+    layer = model.stage1[0].bn1
+    y = layer(torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bfloat16_autocast_close_to_reference():
+    model = convert(TinyNet(), "bhn").eval()
+    reference = set_fused(copy.deepcopy(model), False)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = model(x), reference(x)
+    assert y.dtype == y_ref.dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_unfusable_standardizers_take_the_reference_path():
+    class MyBatchNorm(nn.BatchNorm2d):  # a subclass may compute other statistics: not fused
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    layer = HyperNorm(4, MyBatchNorm(4, affine=False))
+    reference = copy.deepcopy(layer)
+    reference.fused = False
+    x = torch.randn(3, 4, 2, 2)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
+
+def small_stage(norm: str) -> nn.Sequential:
+    """conv, HN, conv, HN, conv, HN with one relay: the least that exercises the relay under compile."""
+    layers = [HyperNorm(8, norm) for _ in range(3)]
+    share_relay(layers)
+    convs = [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1) for i in range(3)]
+    return nn.Sequential(*(m for pair in zip(convs, layers) for m in pair))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_compiled_fullgraph_matches_reference(norm):
+    model = small_stage(norm).train()
+    reference = set_fused(copy.deepcopy(model), False)
+    # fullgraph: any graph break raises. aot_eager traces forward and backward as the default backend
+    # does, without its slow code generation (test_hypernorm.py compiles with inductor).
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 3, 6, 6)
+    assert_same_run(run(model, x, compiled), run(reference, x), rtol=1e-4, atol=1e-4)  # sums reordered
+    if norm == "bn":
+        torch.testing.assert_close(model[5].norm.running_var, reference[5].norm.running_var)
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), **TOL)
+
+
+def test_input_without_grad_takes_plain_ops_with_same_gradients(eager_path):
+    # the hand-written backwards serve inputs that need a gradient; parameters alone use autograd's ops
+    fused = HyperNorm(6, "bn")
+    reference = copy.deepcopy(fused)
+    reference.fused = False
+    x = torch.randn(3, 6, 4, 4)
+    for layer in (fused, reference):
+        (layer(x) * torch.arange(3 * 6 * 16.0).view(3, 6, 4, 4)).sum().backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{name}: {m}")
