@@ -14,12 +14,13 @@ from bisect import bisect_right
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from ..engine.distributed import setup_distributed
+from ..engine.sync_batchnorm import use_cpu_sync_batchnorm
 from .data import CocoDetection, collate, detection_transforms
 from .evaluate import evaluate, format_table
 from .model import create_detector
@@ -76,25 +77,6 @@ DEFAULT_DETECTION_CONFIG: dict[str, Any] = {
 }
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when started by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
-
-
 def build_model(cfg: dict[str, Any], num_classes: int) -> nn.Module:
     m = cfg["model"]
     return create_detector(
@@ -138,8 +120,8 @@ def _save_atomic(obj: Any, path: str) -> None:
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (and evaluate after each epoch); returns the last epoch's summary. Runs under torchrun as well."""
     t = cfg["train"]
-    rank, world_size, local_rank = _distributed()
-    device = _device(t["device"], local_rank)
+    env = setup_distributed(t["device"])  # joins the process group under torchrun (NCCL on CUDA, gloo on CPU)
+    rank, world_size, device = env.rank, env.world_size, env.device
     torch.manual_seed(t["seed"] + rank)
     main = rank == 0
 
@@ -152,9 +134,11 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     val_loader = build_loader(val_set, cfg, False, world_size) if val_set is not None else None
 
     model = build_model(cfg, train_set.num_classes).to(device)
+    if world_size > 1 and device.type == "cpu":
+        use_cpu_sync_batchnorm(model)  # torch's SyncBatchNorm syncs only CUDA tensors (and DDP refuses it on CPU)
     core = model
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     total_batch = t["batch_size"] * world_size
     lr = t["lr"] * total_batch / t["lr_batch"]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -237,8 +221,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | None = None, verbose: bool = True) -> dict[str, float]:
     """COCO metrics of a trained detector on the val split; prints Table 2's layout on rank 0."""
-    rank, world_size, local_rank = _distributed()
-    device = _device(cfg["train"]["device"], local_rank)
+    env = setup_distributed(cfg["train"]["device"])
+    rank, world_size, device = env.rank, env.world_size, env.device
     val_set = build_dataset(cfg, "val")
     model = build_model(cfg, val_set.num_classes)
     checkpoint = checkpoint or os.path.join(cfg["train"]["output"], "last.pth")

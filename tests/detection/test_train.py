@@ -72,17 +72,22 @@ def test_cli_reports_bad_config_key(capsys):
 
 
 def test_torchrun_ddp_two_processes(tiny_coco, tmp_path):
-    """2-process gloo DDP on CPU: DistributedSampler shards, DDP syncs, evaluation gathers both shards."""
+    """2-process gloo DDP on CPU: DistributedSampler shards, DDP syncs, evaluation gathers both shards. SyncBHN
+    everywhere: HyperNorm relays in backbone, neck and head, and the SyncBN standardizers run as the engine's
+    CPUSyncBatchNorm (torch's SyncBatchNorm is refused by DDP on CPU)."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "hypernorm.cli", "detect-train"] + tiny_config_overrides(*tiny_coco, str(out)) + [
-        "train.batch_size=1", "model.backbone_norm=bhn", "model.neck_norm=bhn"]
+        "train.batch_size=1", "model.backbone_norm=syncbhn", "model.neck_norm=syncbhn"]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.jsonl").read_text().splitlines()[-1])
     assert summary["world_size"] == 2 and summary["iteration"] == 2
     assert all(-1.0 <= summary[m] <= 1.0 for m in METRICS)
+    state = torch.load(out / "last.pth", weights_only=False)["model"]
+    assert "backbone.fpn.layer_blocks.3.1.relay.cell.input_map.0.weight" in state  # the neck's relay owner
+    assert "roi_heads.box_head.0.1.norm.running_mean" in state  # the standardizer keeps SyncBatchNorm's keys
 
 
 def test_configs_cover_every_table2_row_with_the_1x_schedule():
