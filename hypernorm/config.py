@@ -1,7 +1,10 @@
 """Experiment configuration: nested dicts from YAML, with dotted ``key=value`` overrides.
 
-Every valid key is in :data:`DEFAULT_CONFIG`; a YAML file or an override only changes values. Unknown keys
-are an error that lists the valid ones, so a typo never silently trains the wrong thing.
+Every valid key is in the defaults (:data:`DEFAULT_CONFIG` for classification; detection passes its own,
+``hypernorm.detection.DEFAULT_DETECTION_CONFIG``); a YAML file or an override only changes values. Unknown keys
+are an error that lists the valid ones, so a typo never silently trains the wrong thing. A YAML file may extend
+another with ``_base_: other.yaml`` (relative to the file); its own values are applied on top of the other's.
+A key whose default is an empty mapping (``{}``) takes any mapping, which replaces the previous one whole.
 """
 from __future__ import annotations
 
@@ -72,19 +75,32 @@ _CHOICES = {
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    """{"a": {"b": 1}, "c": {}} -> {"a.b": 1, "c": {}} (an empty mapping is a value)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
-def _valid_keys() -> str:
-    return ", ".join(flatten(DEFAULT_CONFIG))
+def _valid_keys(defaults: dict[str, Any]) -> str:
+    return ", ".join(flatten(defaults))
+
+
+def _subtree(defaults: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The section of ``defaults`` at ``prefix`` ("model." -> defaults["model"]); {} where there is none."""
+    node: Any = defaults
+    for section in prefix.split(".")[:-1]:
+        node = node.get(section) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def _is_free_mapping(default: Any) -> bool:
+    """An empty mapping default: any keys (e.g. detection's model.kwargs, passed on to torchvision)."""
+    return isinstance(default, dict) and not default
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
@@ -112,27 +128,38 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def merge_config(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``base`` updated with ``update`` (a new dict); keys not in ``base`` raise ValueError."""
+def merge_config(base: dict[str, Any], update: dict[str, Any], prefix: str = "",
+                 defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` updated with ``update`` (a new dict); keys not in ``base`` raise ValueError listing the keys of
+    ``defaults`` (null: :data:`DEFAULT_CONFIG`), whose empty mappings mark the keys that take any mapping."""
+    defaults = DEFAULT_CONFIG if defaults is None else defaults
+    schema = _subtree(defaults, prefix)
     merged = copy.deepcopy(base)
     for key, value in (update or {}).items():
         name = f"{prefix}{key}"
         if key not in merged:
-            raise ValueError(f"unknown config key {name!r}; valid keys: {_valid_keys()}")
-        if isinstance(merged[key], dict):
+            raise ValueError(f"unknown config key {name!r}; valid keys: {_valid_keys(defaults)}")
+        if _is_free_mapping(schema.get(key)):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {name!r} expects a mapping (like {{key: value}}), got {value!r}")
+            merged[key] = copy.deepcopy(value)  # replaced whole, not merged key by key
+        elif isinstance(merged[key], dict):
             if not isinstance(value, dict):
                 raise ValueError(f"config key {name!r} is a section; set its keys ({', '.join(merged[key])})")
-            merged[key] = merge_config(merged[key], value, name + ".")
+            merged[key] = merge_config(merged[key], value, name + ".", defaults)
         else:
             merged[key] = _check_type(name, value, merged[key])
     return merged
 
 
-def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+def parse_overrides(overrides: list[str], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """``["optim.lr=0.05", "model.norm=bhn"]`` -> ``{"optim": {"lr": 0.05}, "model": {"norm": "bhn"}}``.
 
-    Values are parsed as YAML (numbers, null, true/false, [lists]); keys are checked against the defaults.
+    Values are parsed as YAML (numbers, null, true/false, [lists], {mappings}); keys are checked against
+    ``defaults`` (null: :data:`DEFAULT_CONFIG`).
     """
+    defaults = DEFAULT_CONFIG if defaults is None else defaults
+    flat_defaults = flatten(defaults)
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -140,12 +167,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.05)")
         value = yaml.safe_load(text) if text.strip() else None
         name = key.strip()
-        defaults = flatten(DEFAULT_CONFIG)
-        if name not in defaults:
-            if any(k.startswith(name + ".") for k in defaults):
+        if name not in flat_defaults:
+            if any(k.startswith(name + ".") for k in flat_defaults):
                 raise ValueError(f"config key {name!r} is a section; set its keys, e.g. {name}.<key>=value")
-            raise ValueError(f"unknown config key {name!r}; valid keys: {_valid_keys()}")
-        value = _check_type(name, value, defaults[name])
+            mapping = next((k for k, v in flat_defaults.items() if _is_free_mapping(v) and name.startswith(k + ".")),
+                           None)
+            if mapping is not None:
+                raise ValueError(f"config key {mapping!r} is set whole: {mapping}={{{name[len(mapping) + 1:]}: ...}}")
+            raise ValueError(f"unknown config key {name!r}; valid keys: {_valid_keys(defaults)}")
+        value = _check_type(name, value, flat_defaults[name])
         *sections, leaf = name.split(".")
         node = nested
         for section in sections:
@@ -154,9 +184,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(config: dict[str, Any], overrides: list[str],
+                    defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """``config`` updated by dotted ``key=value`` strings (see :func:`parse_overrides`)."""
-    return merge_config(config, parse_overrides(overrides))
+    return merge_config(config, parse_overrides(overrides, defaults), defaults=defaults)
 
 
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -180,23 +211,50 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The default config, updated by the YAML file at ``path`` (optional), then by ``overrides``."""
-    config = copy.deepcopy(DEFAULT_CONFIG)
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+    with open(path) as f:
+        try:
+            loaded = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _merge_file(config: dict[str, Any], path: Path, defaults: dict[str, Any], chain: tuple[Path, ...] = ()
+                ) -> dict[str, Any]:
+    """``config`` updated by the file at ``path``, after the files it extends (``_base_``)."""
+    loaded = _read_yaml(path)
+    base = loaded.pop("_base_", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ValueError(f"config file {str(path)!r}: _base_ must be the path of another config (relative to "
+                             f"this one), got {base!r}")
+        chain = chain + (path.resolve(),)
+        base_path = path.parent / base
+        if base_path.resolve() in chain:
+            raise ValueError(f"config file {str(path)!r}: _base_ {base!r} makes a cycle "
+                             f"({' -> '.join(p.name for p in chain)} -> {base_path.name})")
+        config = _merge_file(config, base_path, defaults, chain)
+    try:
+        return merge_config(config, loaded, defaults=defaults)
+    except ValueError as err:  # name the file: with _base_ chains the key may be in any of them
+        raise ValueError(f"config file {str(path)!r}: {err}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] = DEFAULT_CONFIG) -> dict[str, Any]:
+    """``defaults``, updated by the YAML file at ``path`` (optional; with the files it extends through
+    ``_base_``), then by ``overrides``. Configs of :data:`DEFAULT_CONFIG` are then checked by
+    :func:`validate_config`."""
+    config = copy.deepcopy(defaults)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist; see configs/ for examples")
-        with open(path) as f:
-            try:
-                loaded = yaml.safe_load(f)
-            except yaml.YAMLError as err:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(loaded).__name__}")
-        config = merge_config(config, loaded or {})
-    config = apply_overrides(config, list(overrides or []))
-    return validate_config(config)
+        config = _merge_file(config, Path(path), defaults)
+    config = apply_overrides(config, list(overrides or []), defaults)
+    return validate_config(config) if defaults is DEFAULT_CONFIG else config
 
 
 def dump_config(config: dict[str, Any]) -> str:

@@ -62,6 +62,46 @@ def test_bad_config_files(tmp_path):
         load_config(tmp_path / "broken.yaml")
 
 
+def test_base_inheritance(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("model:\n  norm: gn\n  name: resnet56\noptim:\n  lr: 0.2\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("_base_: ../root.yaml\nmodel:\n  norm: bhn\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("_base_: mid.yaml\noptim:\n  lr: 0.05\n")
+    config = load_config(tmp_path / "sub" / "leaf.yaml", ["train.epochs=3"])
+    # each file overrides the one it extends key by key; paths are relative to the extending file
+    assert config["model"] == {**DEFAULT_CONFIG["model"], "name": "resnet56", "norm": "bhn"}
+    assert config["optim"]["lr"] == 0.05 and config["train"]["epochs"] == 3
+    (tmp_path / "typo.yaml").write_text("_base_: root.yaml\nmodel:\n  nrom: bn\n")
+    with pytest.raises(ValueError, match=r"typo.yaml.*unknown config key 'model.nrom'; valid keys: .*model\.norm"):
+        load_config(tmp_path / "typo.yaml")
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ValueError, match=r"makes a cycle \(a.yaml -> b.yaml -> a.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "orphan.yaml").write_text("_base_: nothere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="nothere.yaml' does not exist"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_other_defaults_and_free_mappings(tmp_path):
+    defaults = {"net": {"depth": 50, "kwargs": {}}, "run": {"out": "runs/x"}}  # kwargs: any mapping
+    (tmp_path / "base.yaml").write_text("net:\n  kwargs: {a: 1, b: 2}\n")
+    (tmp_path / "c.yaml").write_text("_base_: base.yaml\nnet:\n  kwargs: {c: 3}\n")
+    config = load_config(tmp_path / "c.yaml", ["net.depth=18"], defaults=defaults)
+    assert config == {"net": {"depth": 18, "kwargs": {"c": 3}}, "run": {"out": "runs/x"}}  # replaced whole
+    assert load_config(None, ["net.kwargs={d: 4}"], defaults=defaults)["net"]["kwargs"] == {"d": 4}
+    assert defaults["net"]["kwargs"] == {}  # the defaults are never changed
+    with pytest.raises(ValueError, match=r"unknown config key 'net.width'; valid keys: net.depth, net.kwargs, run.out"):
+        load_config(None, ["net.width=2"], defaults=defaults)
+    with pytest.raises(ValueError, match=r"'net.kwargs' is set whole: net.kwargs=\{d: ...\}"):
+        load_config(None, ["net.kwargs.d=4"], defaults=defaults)
+    with pytest.raises(ValueError, match="'net.kwargs' expects a dict"):
+        load_config(None, ["net.kwargs=3"], defaults=defaults)
+    with pytest.raises(ValueError, match="'net.kwargs' expects a mapping"):
+        (tmp_path / "bad.yaml").write_text("net:\n  kwargs: 3\n")
+        load_config(tmp_path / "bad.yaml", defaults=defaults)
+
+
 def test_parse_overrides_nests_and_checks():
     assert parse_overrides(["model.norm=bhn", "optim.lr=1e-2"]) == {"model": {"norm": "bhn"}, "optim": {"lr": 0.01}}
     with pytest.raises(ValueError, match="unknown config key"):
@@ -70,6 +110,24 @@ def test_parse_overrides_nests_and_checks():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
 def test_shipped_configs_load(path):
-    config = load_config(path)
-    assert config["output"]["dir"].startswith("runs/")
-    assert config["model"]["norm"] in path.stem or path.stem.startswith("reduced")
+    """Each shipped file loads with the defaults of what it configures, so every key in it is checked."""
+    if path.parent.name == "detection":
+        from hypernorm.detection import DEFAULT_DETECTION_CONFIG
+
+        config = load_config(path, defaults=DEFAULT_DETECTION_CONFIG)
+        assert config["train"]["output"] == f"runs/detection/{path.stem}"
+        if path.stem.startswith("faster_rcnn_r50_fpn_1x_"):  # one Table 2 row: <backbone norm>_<neck norm>
+            norms = path.stem.removeprefix("faster_rcnn_r50_fpn_1x_").split("_")
+            assert [config["model"]["backbone_norm"], config["model"]["neck_norm"]] == norms
+    elif path.parent.name == "experiments":  # a grid: its base config with each run's overrides
+        from hypernorm.analysis.runner import expand_grid, load_grid
+
+        grid = load_grid(path)
+        assert grid["output_dir"].startswith("runs/")
+        for run in expand_grid(grid):
+            config = load_config(grid["base"], run.overrides)
+            assert config["output"]["dir"] == str(run.folder)
+    else:
+        config = load_config(path)
+        assert config["output"]["dir"].startswith("runs/")
+        assert config["model"]["norm"] in path.stem or path.stem.startswith("reduced")

@@ -1,10 +1,11 @@
 """Detection: Faster R-CNN ResNet-FPN (torchvision) with HyperNorm in the backbone and the neck/head, on COCO."""
 from .data import CocoDetection, collate, detection_transforms, load_coco
-from .engine import evaluate_checkpoint, load_config, train
+from .engine import DEFAULT_DETECTION_CONFIG, evaluate_checkpoint, train
 from .evaluate import METRICS, coco_evaluate, evaluate, format_table, predict, to_coco_results
 from .model import TABLE2_PAIRS, backbone_norm_names, create_detector, detector_parameter_counts, neck_norm_names
 
 __all__ = [
+    "DEFAULT_DETECTION_CONFIG",
     "METRICS",
     "TABLE2_PAIRS",
     "CocoDetection",
@@ -18,7 +19,6 @@ __all__ = [
     "evaluate_checkpoint",
     "format_table",
     "load_coco",
-    "load_config",
     "neck_norm_names",
     "predict",
     "to_coco_results",

@@ -6,12 +6,13 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from .engine import evaluate_checkpoint, load_config, train
+from ..config import apply_overrides, load_config, merge_config
+from .engine import DEFAULT_DETECTION_CONFIG, evaluate_checkpoint, train
 
 
 def _train(args: argparse.Namespace) -> int:
     try:
-        train(load_config(args.config, args.overrides))
+        train(load_config(args.config, args.overrides, defaults=DEFAULT_DETECTION_CONFIG))
     finally:
         if dist.is_initialized():  # joined by the engine under torchrun
             dist.destroy_process_group()
@@ -21,11 +22,14 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.config is None and args.checkpoint is None:
         raise ValueError("give -c CONFIG (evaluates CONFIG's train.output/last.pth) or --checkpoint PATH")
-    base = None
+    defaults = DEFAULT_DETECTION_CONFIG
     if args.config is None:  # the checkpoint knows the model it holds and the data it was evaluated on
-        base = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("config")
+        saved = torch.load(args.checkpoint, map_location="cpu", weights_only=False).get("config") or {}
+        cfg = apply_overrides(merge_config(defaults, saved, defaults=defaults), args.overrides, defaults)
+    else:
+        cfg = load_config(args.config, args.overrides, defaults=defaults)
     try:
-        evaluate_checkpoint(load_config(args.config, args.overrides, base), args.checkpoint)
+        evaluate_checkpoint(cfg, args.checkpoint)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

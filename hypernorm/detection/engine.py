@@ -6,7 +6,6 @@ run resumes from it with ``train.resume=true``).
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -15,137 +14,67 @@ from bisect import bisect_right
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from ..engine.distributed import setup_distributed
+from ..engine.sync_batchnorm import use_cpu_sync_batchnorm
 from .data import CocoDetection, collate, detection_transforms
 from .evaluate import evaluate, format_table
 from .model import create_detector
 
-__all__ = ["DEFAULTS", "load_config", "build_model", "build_loader", "train", "evaluate_checkpoint"]
+__all__ = ["DEFAULT_DETECTION_CONFIG", "build_model", "build_loader", "train", "evaluate_checkpoint"]
 
+# Every valid key of a detection config, loaded with
+# ``hypernorm.config.load_config(path, overrides, defaults=DEFAULT_DETECTION_CONFIG)``.
 # The standard 1x schedule of Detectron/torchvision for 16 images per step: 12 epochs, lr 0.02 divided by 10
 # after epochs 8 and 11, linear warm-up over 500 iterations, 800-pixel shorter side.
-DEFAULTS: dict[str, Any] = {
+DEFAULT_DETECTION_CONFIG: dict[str, Any] = {
     "model": {
-        "backbone_norm": "frozenbn",
-        "neck_norm": "none",
-        "arch": "resnet50",
+        "backbone_norm": "frozenbn",  # frozenbn or any registered norm (bn, syncbn, gn, sn, bhn, ...)
+        "neck_norm": "none",  # none (plain FPN, two-FC box head) or any registered norm (FPN + 4conv1fc head)
+        "arch": "resnet50",  # resnet18 | resnet34 | resnet50 | resnet101
         "weights_backbone": None,  # online: "IMAGENET1K_V1" (BN-type backbones) or a checkpoint path
-        "trainable_backbone_layers": None,
-        "num_classes": None,  # None: the largest category id of the training set + 1 (91 for COCO)
-        "min_size": 800,
-        "max_size": 1333,
-        "kwargs": {},  # more torchvision FasterRCNN arguments
+        "trainable_backbone_layers": None,  # 0-5 stages from the top; null: 3 with pretrained weights, else 5
+        "num_classes": None,  # null: the largest category id of the training set + 1 (91 for COCO)
+        "min_size": 800,  # shorter image side after resizing (pixels)
+        "max_size": 1333,  # longer side at most
+        "kwargs": {},  # more torchvision FasterRCNN arguments, any keys; set whole: model.kwargs={key: value}
     },
     "data": {
-        "root": "data/coco",
-        "train_images": "train2017",
-        "train_ann": "annotations/instances_train2017.json",
-        "val_images": "val2017",
+        "root": "data/coco",  # the paths below are relative to it (or absolute)
+        "train_images": "train2017",  # image folder of the training split
+        "train_ann": "annotations/instances_train2017.json",  # its COCO annotation file
+        "val_images": "val2017",  # image folder of the evaluation split
         "val_ann": "annotations/instances_val2017.json",
-        "hflip": 0.5,
-        "workers": 4,
+        "hflip": 0.5,  # probability of a horizontal flip in training
+        "workers": 4,  # DataLoader worker processes per training process
         "max_images": None,  # first N images of each split (quick runs)
     },
     "train": {
         "epochs": 12,
-        "batch_size": 2,  # per process
+        "batch_size": 2,  # images per process
         "lr": 0.02,  # for `lr_batch` images per step; scaled linearly to the real total batch
         "lr_batch": 16,
         "momentum": 0.9,
         "weight_decay": 1e-4,
-        "milestones": [8, 11],  # epochs
+        "milestones": [8, 11],  # epochs after which lr is multiplied by gamma
         "gamma": 0.1,
-        "warmup_iters": 500,
+        "warmup_iters": 500,  # linear warm-up from warmup_factor * lr, per iteration
         "warmup_factor": 0.001,
         "max_iters": None,  # stop after this many iterations (smoke runs)
         "clip_grad_norm": None,  # e.g. 10.0 for runs from random init, whose first steps can blow up
-        "amp": False,
+        "amp": False,  # autocast + GradScaler
         "eval": True,  # evaluate on the val split after every epoch
-        "log_every": 20,
+        "log_every": 20,  # iterations between progress-bar updates
         "seed": 0,
-        "device": "auto",
-        "output": "runs/detection",
-        "resume": False,
+        "device": "auto",  # auto (CUDA when available) | cpu | cuda
+        "output": "runs/detection",  # the run folder: config.yaml, summary.jsonl, last.pth
+        "resume": False,  # continue from output/last.pth when it exists
     },
 }
-
-
-def _merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
-    for key, value in update.items():
-        if key not in base:
-            raise ValueError(f"unknown config key {where + key!r}; valid keys here: {', '.join(base)}")
-        if isinstance(base[key], dict) and key != "kwargs":
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {where + key!r} is a section, got {value!r}")
-            _merge(base[key], value, f"{where}{key}.")
-        else:
-            base[key] = value
-    return base
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-    base = data.pop("_base_", None)  # a config may extend another, given relative to itself
-    if base is None:
-        return data
-    parent = _read_yaml(os.path.join(os.path.dirname(path), base))
-    for section, values in data.items():
-        if isinstance(values, dict) and isinstance(parent.get(section), dict):
-            parent[section] = {**parent[section], **values}
-        else:
-            parent[section] = values
-    return parent
-
-
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """DEFAULTS <- ``base`` (e.g. a checkpoint's config) <- YAML file (``_base_: other.yaml`` extends another)
-    <- ``section.key=value`` overrides (values parsed as YAML: ``train.max_iters=10``,
-    ``model.kwargs={box_score_thresh: 0.0}``)."""
-    cfg = copy.deepcopy(DEFAULTS)
-    if base is not None:
-        _merge(cfg, copy.deepcopy(base))
-    if path is not None:
-        _merge(cfg, _read_yaml(path))
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        *sections, leaf = key.split(".")
-        update: dict[str, Any] = {leaf: yaml.safe_load(raw)}
-        for section in reversed(sections):
-            update = {section: update}
-        _merge(cfg, update)
-    return cfg
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group when started by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def build_model(cfg: dict[str, Any], num_classes: int) -> nn.Module:
@@ -191,8 +120,8 @@ def _save_atomic(obj: Any, path: str) -> None:
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (and evaluate after each epoch); returns the last epoch's summary. Runs under torchrun as well."""
     t = cfg["train"]
-    rank, world_size, local_rank = _distributed()
-    device = _device(t["device"], local_rank)
+    env = setup_distributed(t["device"])  # joins the process group under torchrun (NCCL on CUDA, gloo on CPU)
+    rank, world_size, device = env.rank, env.world_size, env.device
     torch.manual_seed(t["seed"] + rank)
     main = rank == 0
 
@@ -205,9 +134,11 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
     val_loader = build_loader(val_set, cfg, False, world_size) if val_set is not None else None
 
     model = build_model(cfg, train_set.num_classes).to(device)
+    if world_size > 1 and device.type == "cpu":
+        use_cpu_sync_batchnorm(model)  # torch's SyncBatchNorm syncs only CUDA tensors (and DDP refuses it on CPU)
     core = model
     if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     total_batch = t["batch_size"] * world_size
     lr = t["lr"] * total_batch / t["lr_batch"]
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -290,8 +221,8 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | None = None, verbose: bool = True) -> dict[str, float]:
     """COCO metrics of a trained detector on the val split; prints Table 2's layout on rank 0."""
-    rank, world_size, local_rank = _distributed()
-    device = _device(cfg["train"]["device"], local_rank)
+    env = setup_distributed(cfg["train"]["device"])
+    rank, world_size, device = env.rank, env.world_size, env.device
     val_set = build_dataset(cfg, "val")
     model = build_model(cfg, val_set.num_classes)
     checkpoint = checkpoint or os.path.join(cfg["train"]["output"], "last.pth")

@@ -38,13 +38,14 @@ __all__ = [
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 FPN_CHANNELS = 256
 
-# (backbone norm, neck/head norm) for each row of the paper's Table 2 we can build ("sn" rows are cited from
-# another paper there). The "BN" backbone of the top two blocks is the standard frozen BN (36.4 AP is the
-# usual 1x baseline); the bottom block trains BN in both (its 32.9 AP is the micro-batch effect). docs/detection.md.
+# (backbone norm, neck/head norm) for each row of the paper's Table 2, in its order (the two "sn" rows are
+# cited from the SwitchableNorm paper there; here they are built with hypernorm.nn.SwitchableNorm2d). The "BN"
+# backbone of the top two blocks is the standard frozen BN (36.4 AP is the usual 1x baseline); the bottom block
+# trains BN in both (its 32.9 AP is the micro-batch effect). docs/detection.md.
 TABLE2_PAIRS: tuple[tuple[str, str], ...] = (
     ("frozenbn", "none"), ("syncbn", "none"), ("gn", "none"), ("bhn", "none"),
-    ("frozenbn", "bn"), ("frozenbn", "syncbn"), ("frozenbn", "gn"), ("frozenbn", "bhn"),
-    ("bn", "bn"), ("syncbn", "syncbn"), ("gn", "gn"), ("bhn", "bhn"),
+    ("frozenbn", "bn"), ("frozenbn", "syncbn"), ("frozenbn", "gn"), ("frozenbn", "sn"), ("frozenbn", "bhn"),
+    ("bn", "bn"), ("syncbn", "syncbn"), ("gn", "gn"), ("sn", "sn"), ("bhn", "bhn"),
 )
 
 
@@ -132,8 +133,8 @@ def create_detector(
     """Faster R-CNN ResNet-FPN with the given backbone and neck/head norms (every pair of the paper's Table 2).
 
     Args:
-        backbone_norm: "frozenbn", "bn", "syncbn", "gn", "bhn" (or any name of :func:`hypernorm.nn.norm_names`).
-        neck_norm: "none", "bn", "syncbn", "gn", "bhn" (or any registered name) for the FPN and the box head.
+        backbone_norm: "frozenbn", "bn", "syncbn", "gn", "sn", "bhn" (or any name of :func:`hypernorm.nn.norm_names`).
+        neck_norm: "none", "bn", "syncbn", "gn", "sn", "bhn" (or any registered name) for the FPN and the box head.
         num_classes: including the background; 91 for COCO's official category ids.
         arch: the ResNet depth; ResNet-50 is the paper's, smaller ones are for quick checks.
         weights_backbone: None (random init; nothing is downloaded), torchvision ImageNet weights for a BN-type

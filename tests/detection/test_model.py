@@ -6,7 +6,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPH
 from torchvision.ops import FrozenBatchNorm2d
 
 from hypernorm.detection import TABLE2_PAIRS, create_detector, detector_parameter_counts
-from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert
+from hypernorm.nn import HyperNorm, SwitchableNorm2d, TrimmedLSTMCell, convert
 
 
 def n_params(module: nn.Module) -> int:
@@ -25,12 +25,18 @@ def test_table2_pairs_parameter_counts():
     assert counts[("bhn", "bhn")]["head"] == plain_bn["head"] + lstm - 4 * 512
     assert counts[("frozenbn", "gn")]["head"] == plain_bn["head"]  # GN and BN have the same affine
     assert counts[("gn", "none")]["head"] < plain_bn["head"]  # two-FC head without convs
+    # SN: BN's affine plus 6 mixture logits per layer (53 in the ResNet-50 body, 8 in the FPN, 4 in the head).
+    assert len(TABLE2_PAIRS) == 14 and {("frozenbn", "sn"), ("sn", "sn")} <= set(TABLE2_PAIRS)
+    assert counts[("sn", "sn")]["backbone"] == plain_bn["backbone"] + 6 * 53
+    assert counts[("sn", "sn")]["neck"] == counts[("frozenbn", "sn")]["neck"] == plain_bn["neck"] + 6 * 8
+    assert counts[("sn", "sn")]["head"] == counts[("frozenbn", "sn")]["head"] == plain_bn["head"] + 6 * 4
     for c in counts.values():
         assert c["total"] == c["backbone"] + c["neck"] + c["rpn"] + c["head"]
 
 
 @pytest.mark.parametrize("backbone_norm, layer_type", [
-    ("frozenbn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm), ("gn", nn.GroupNorm)])
+    ("frozenbn", FrozenBatchNorm2d), ("bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm), ("gn", nn.GroupNorm),
+    ("sn", SwitchableNorm2d)])
 def test_backbone_norm_types(backbone_norm, layer_type):
     model = create_detector(backbone_norm, "none", 5, arch="resnet18")
     assert isinstance(model.backbone.body.layer3[1].bn1, layer_type)
@@ -76,7 +82,8 @@ def test_neck_relay_runs_top_down_and_head_relay_per_roi():
 
 
 def test_neck_norm_types():
-    for neck_norm, layer_type in [("bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm), ("gn", nn.GroupNorm)]:
+    for neck_norm, layer_type in [("bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm), ("gn", nn.GroupNorm),
+                                  ("sn", SwitchableNorm2d)]:
         model = create_detector("frozenbn", neck_norm, 5, arch="resnet18")
         assert isinstance(model.backbone.fpn.layer_blocks[2][1], layer_type)
         assert isinstance(model.backbone.fpn.inner_blocks[2][1], layer_type)
