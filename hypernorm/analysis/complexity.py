@@ -60,7 +60,10 @@ def _input_shape(input_size: int | Sequence[int]) -> tuple[int, int, int]:
 def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Complexity:
     """Parameters and multiply-adds of one forward pass of a single ``input_size`` image (S, (H, W) or
     (C, H, W)), in eval mode. The input lives on the model's device: a model built under
-    ``torch.device("meta")`` is counted from shapes alone, without computing anything."""
+    ``torch.device("meta")`` is counted from shapes alone, without computing anything.
+
+    HyperNorm layers are counted on their reference path, the arithmetic of the paper's equations: the fast
+    path multiplies a block-diagonal weight whose zero blocks would otherwise add to the count."""
     shape = _input_shape(input_size)
     tensor = next(model.parameters(), None)
     if tensor is None:
@@ -68,14 +71,19 @@ def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Compl
     x = torch.zeros(1, *shape, dtype=tensor.dtype if tensor.is_floating_point() else torch.float32,
                     device=tensor.device)
     modes = {module: module.training for module in model.modules()}
+    fused = {m: m.fused for m in model.modules() if isinstance(m, HyperNorm)}
     model.eval()  # no running-statistics update; the count is the same in train mode
     try:
+        for layer in fused:
+            layer.fused = False
         counter = FlopCounterMode(display=False)
         with counter:
             model(x)
     finally:
         for module, training in modes.items():
             module.training = training
+        for layer, was_fused in fused.items():
+            layer.fused = was_fused
     by_operator = {str(op): int(count) // 2 for op, count in counter.get_flop_counts()["Global"].items()}
     return Complexity(
         params=sum(p.numel() for p in model.parameters()),
