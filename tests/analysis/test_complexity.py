@@ -109,3 +109,15 @@ def test_command_rejects_unknown_names(capsys):
     assert "valid models: " in capsys.readouterr().err
     assert main(["complexity", "-n", "qhn"]) == 2
     assert "valid norms: " in capsys.readouterr().err
+
+
+def test_counts_the_reference_arithmetic_and_restores_the_fast_path():
+    create_model, complexity = hypernorm.create_model, hypernorm.complexity
+    model = create_model("resnet20", "bhn", num_classes=10)
+    layers = [m for m in model.modules() if isinstance(m, HyperNorm)]
+    layers[0].fused = False  # a user's own choice survives the count
+    plain = complexity(create_model("resnet20", "bn", num_classes=10), 32).flops
+    # each block's LSTM step: 2 maps x (C*C/4 + C/4*4C) multiply-adds, C = 16/32/64, 3 blocks per stage
+    lstm = sum(3 * 2 * (c * (c // 4) + (c // 4) * 4 * c) for c in (16, 32, 64))
+    assert complexity(model, 32).flops == plain + lstm
+    assert [layer.fused for layer in layers] == [False] + [True] * (len(layers) - 1)
