@@ -14,6 +14,7 @@ __all__ = ["collect_runs", "summarize", "format_table", "write_tables", "GROUP_K
 
 GROUP_KEYS = ("dataset", "model", "norm", "batch")
 METRICS = ("final_top1", "best_top1", "final_top5")
+SORT_PRIORITY = ("dataset", "model", "batch", "norm")
 
 
 def _lookup(config: dict, *dotted: str, default: Any = None) -> Any:
@@ -62,7 +63,8 @@ def collect_runs(root: str | Path) -> list[dict[str, Any]]:
 
 
 def summarize(rows: Iterable[dict[str, Any]], by: tuple[str, ...] = GROUP_KEYS) -> list[dict[str, Any]]:
-    """Mean, sample standard deviation (n-1), min, max and count of each metric per group, in first-seen order."""
+    """Mean, sample standard deviation (n-1), min, max and count of each metric per group; groups sorted by
+    data set, model, batch size (largest first) and norm (base norm before its HyperNorm form)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in by), []).append(row)
@@ -75,7 +77,17 @@ def summarize(rows: Iterable[dict[str, Any]], by: tuple[str, ...] = GROUP_KEYS) 
             entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
             entry[f"{metric}_min"], entry[f"{metric}_max"] = min(values), max(values)
         out.append(entry)
+    order = sorted(by, key=lambda k: SORT_PRIORITY.index(k) if k in SORT_PRIORITY else len(SORT_PRIORITY))
+    out.sort(key=lambda e: tuple(_sort_key(k, e[k]) for k in order))
     return out
+
+
+def _sort_key(key: str, value: Any) -> tuple:
+    if key == "batch":
+        return (-int(value),)
+    if key == "norm":
+        return (str(value).endswith("hn"), str(value))
+    return (str(value),)
 
 
 def _pm(entry: dict, metric: str) -> str:

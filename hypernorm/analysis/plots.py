@@ -30,7 +30,7 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, model: str, batch:
     selected = [r for r in rows if r["model"] == model and r["batch"] == batch and r["metrics"]]
     if not selected:
         raise ValueError(f"no finished runs with metrics for model {model!r} at batch {batch}")
-    for norm in dict.fromkeys(r["norm"] for r in selected):
+    for norm in sorted({r["norm"] for r in selected}, key=lambda n: (n.endswith("hn"), n)):
         runs = [r for r in selected if r["norm"] == norm]
         for key, style, label in (("train_top1_err", "--", "train"), ("test_top1_err", "-", "test")):
             epochs, err = _mean_curve(runs, key)
@@ -50,13 +50,16 @@ def plot_batch_size(rows: list[dict[str, Any]], path: str | Path, model: str, me
     selected = [r for r in rows if r["model"] == model]
     if not selected:
         raise ValueError(f"no finished runs for model {model!r}")
-    for norm in dict.fromkeys(r["norm"] for r in selected):
+    for norm in sorted({r["norm"] for r in selected}, key=lambda n: (n.endswith("hn"), n)):
         batches = sorted({r["batch"] for r in selected if r["norm"] == norm})
         values = [[r[metric] for r in selected if r["norm"] == norm and r["batch"] == b] for b in batches]
         mean = np.array([np.mean(v) for v in values])
         ax.plot(batches, mean, "o-", color=_color(norm), label=norm.upper())
         ax.fill_between(batches, [min(v) for v in values], [max(v) for v in values], color=_color(norm), alpha=0.2)
     ax.set_xscale("log", base=2)
+    ticks = sorted({r["batch"] for r in selected})
+    ax.set_xticks(ticks, labels=[str(b) for b in ticks])
+    ax.minorticks_off()
     ax.set(xlabel="mini-batch size per process", ylabel="test top-1 error (%)",
            title=f"{model} on {selected[0]['dataset']}: error vs batch size (min-max over seeds)")
     ax.grid(alpha=0.3)

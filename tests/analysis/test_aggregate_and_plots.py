@@ -82,3 +82,8 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
 def test_plot_for_unknown_model_is_a_clear_error(runs, tmp_path):
     with pytest.raises(ValueError, match="resnet999"):
         plot_batch_size(collect_runs(runs), tmp_path / "x.png", "resnet999")
+
+
+def test_groups_sorted_largest_batch_first_base_norm_first(runs):
+    order = [(e["batch"], e["norm"]) for e in summarize(collect_runs(runs))]
+    assert order == [(128, "bn"), (128, "bhn"), (2, "bn"), (2, "bhn")]
