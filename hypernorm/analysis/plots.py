@@ -16,6 +16,19 @@ def _color(norm: str) -> str:
     return NORM_COLORS.get(norm, "tab:gray")
 
 
+def _norms(rows: list[dict[str, Any]]) -> list[str]:
+    """The norms present, each base norm before its HyperNorm form."""
+    return sorted({r["norm"] for r in rows}, key=lambda n: (n.endswith("hn"), n))
+
+
+def _finish(fig: Figure, ax, path: str | Path, **labels: str) -> Figure:
+    ax.set(**labels)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
 def _mean_curve(runs: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
     length = min(len(r["metrics"]) for r in runs)
     epochs = np.array([runs[0]["metrics"][i]["epoch"] for i in range(length)])
@@ -30,17 +43,13 @@ def plot_curves(rows: list[dict[str, Any]], path: str | Path, model: str, batch:
     selected = [r for r in rows if r["model"] == model and r["batch"] == batch and r["metrics"]]
     if not selected:
         raise ValueError(f"no finished runs with metrics for model {model!r} at batch {batch}")
-    for norm in sorted({r["norm"] for r in selected}, key=lambda n: (n.endswith("hn"), n)):
+    for norm in _norms(selected):
         runs = [r for r in selected if r["norm"] == norm]
         for key, style, label in (("train_top1_err", "--", "train"), ("test_top1_err", "-", "test")):
             epochs, err = _mean_curve(runs, key)
             ax.plot(epochs, 100.0 - err, style, color=_color(norm), label=f"{norm.upper()} {label} (n={len(runs)})")
-    ax.set(xlabel="epoch", ylabel="top-1 accuracy (%)",
-           title=f"{model} on {selected[0]['dataset']}, batch {batch}: mean over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, ax, path, xlabel="epoch", ylabel="top-1 accuracy (%)",
+                   title=f"{model} on {selected[0]['dataset']}, batch {batch}: mean over seeds")
 
 
 def plot_batch_size(rows: list[dict[str, Any]], path: str | Path, model: str, metric: str = "final_top1") -> Figure:
@@ -50,7 +59,7 @@ def plot_batch_size(rows: list[dict[str, Any]], path: str | Path, model: str, me
     selected = [r for r in rows if r["model"] == model]
     if not selected:
         raise ValueError(f"no finished runs for model {model!r}")
-    for norm in sorted({r["norm"] for r in selected}, key=lambda n: (n.endswith("hn"), n)):
+    for norm in _norms(selected):
         batches = sorted({r["batch"] for r in selected if r["norm"] == norm})
         values = [[r[metric] for r in selected if r["norm"] == norm and r["batch"] == b] for b in batches]
         mean = np.array([np.mean(v) for v in values])
@@ -60,9 +69,5 @@ def plot_batch_size(rows: list[dict[str, Any]], path: str | Path, model: str, me
     ticks = sorted({r["batch"] for r in selected})
     ax.set_xticks(ticks, labels=[str(b) for b in ticks])
     ax.minorticks_off()
-    ax.set(xlabel="mini-batch size per process", ylabel="test top-1 error (%)",
-           title=f"{model} on {selected[0]['dataset']}: error vs batch size (min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    return fig
+    return _finish(fig, ax, path, xlabel="mini-batch size per process", ylabel="test top-1 error (%)",
+                   title=f"{model} on {selected[0]['dataset']}: error vs batch size (min-max over seeds)")
