@@ -76,8 +76,8 @@ def _load_official(name: str, root: Path, train: bool, download: bool):
         dataset = cls(str(root), train=train, download=download)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         # Download failed (offline) or the files are still missing/corrupt after it.
-        raise FileNotFoundError(f"{_TITLE[name]} could not be obtained under {folder} ({err}). {_how_to_get(name, root)}")\
-            from None
+        raise FileNotFoundError(f"{_TITLE[name]} could not be obtained under {folder} ({err}){_npz_hint(root)}. "
+                                f"{_how_to_get(name, root)}") from None
     except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
         raise ValueError(f"{_TITLE[name]} under {folder} passed its checksums but cannot be read ({err!r}); delete "
                          f"the folder and download the archive again. {_how_to_get(name, root)}") from None
@@ -89,15 +89,19 @@ def _load_official(name: str, root: Path, train: bool, download: bool):
 def _check_files(name: str, root: Path, folder: Path, files: list[list[str]]) -> None:
     missing = [f for f, _ in files if not (folder / f).is_file()]
     if missing:
-        others = sorted(p.name for p in root.glob("*.npz")) if root.is_dir() else []
-        hint = f" (this folder holds {', '.join(others)}: set data.dataset to match it)" if others else ""
-        raise FileNotFoundError(
-            f"{_TITLE[name]} not found: expected {', '.join(missing)} in {folder}{hint}. {_how_to_get(name, root)}")
+        raise FileNotFoundError(f"{_TITLE[name]} not found: expected {', '.join(missing)} in {folder}"
+                                f"{_npz_hint(root)}. {_how_to_get(name, root)}")
     corrupt = [f for f, md5 in files if not check_integrity(str(folder / f), md5)]
     if corrupt:
         raise ValueError(
             f"{_TITLE[name]} is corrupt: {', '.join(str(folder / f) for f in corrupt)} failed the md5 check against "
             f"the official archive. Delete {folder} and extract the official archive again. {_how_to_get(name, root)}")
+
+
+def _npz_hint(root: Path) -> str:
+    """Point at another data set's npz in the same folder (here: CIFAR-10 where CIFAR-100 was asked for)."""
+    others = sorted(p.name for p in root.glob("*.npz")) if root.is_dir() else []
+    return f" (this folder holds {', '.join(others)}: set data.dataset to match it)" if others else ""
 
 
 def _how_to_get(name: str, root: Path) -> str:

@@ -394,6 +394,9 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
     """Test loss and top-1/top-5 error (%) of a checkpoint; ``overrides`` updates its config (e.g. data.root)."""
     state = load_checkpoint(path)
     config = _resolve(merge_config(state["config"], overrides or {}))
+    threads = torch.get_num_threads()
+    if config["train"]["threads"] is not None:
+        torch.set_num_threads(config["train"]["threads"])
     env = setup_distributed(config["train"]["device"])
     try:
         test_set, info = build_dataset(config["data"], train=False)
@@ -408,6 +411,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
         return {"checkpoint": str(path), "epoch": state["epoch"], "dataset": info.name, "data_source": info.source,
                 "model": config["model"]["name"], "norm": config["model"]["norm"], **result}
     finally:
+        torch.set_num_threads(threads)
         if env.owns_group:
             torch.distributed.destroy_process_group()
 
