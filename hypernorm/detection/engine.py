@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
+from ..engine.checkpoint import save_checkpoint
 from ..engine.distributed import setup_distributed
 from ..engine.sync_batchnorm import use_cpu_sync_batchnorm
 from .data import CocoDetection, collate, detection_transforms
@@ -111,12 +112,6 @@ def _lr_lambda(warmup_iters: int, warmup_factor: float, milestones: list[int], g
     return factor
 
 
-def _save_atomic(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
-
-
 def train(cfg: dict[str, Any]) -> dict[str, Any]:
     """Train (and evaluate after each epoch); returns the last epoch's summary. Runs under torchrun as well."""
     t = cfg["train"]
@@ -206,9 +201,9 @@ def train(cfg: dict[str, Any]) -> dict[str, Any]:
             summary.update(evaluate(core, val_loader, val_set.coco, device))  # DDP keeps core's buffers in sync
             summary["eval_s"] = time.time() - start
         if main:
-            _save_atomic({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                          "iteration": iteration, "config": cfg}, ckpt_path)
+            save_checkpoint(ckpt_path, {"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                        "epoch": epoch, "iteration": iteration, "config": cfg})
             with open(os.path.join(out, "summary.jsonl"), "a") as f:
                 f.write(json.dumps(summary) + "\n")
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
