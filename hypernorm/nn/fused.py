@@ -1,4 +1,5 @@
-"""HyperNorm's fused kernels: the standardizer's statistics and the per-sample affine in two passes over x.
+"""HyperNorm's fused kernels (the standardizer's statistics and the per-sample affine in two passes over x)
+and the shifted standardization that keeps every path accurate in float32.
 
 The moments are taken of d = x - s, with s a per-channel (BN) or per-(sample, channel/group) (GN, IN) shift
 read from x itself (BN in eval: its running mean). Shifting keeps E[d^2] - E[d]^2 free of cancellation when
@@ -8,11 +9,12 @@ numbers either: float32 stays within 1e-5 relative of float64 even at mean/std =
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .sync_batchnorm import CPUSyncBatchNorm
 
-__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "SMALL_EAGER_TRAINING_NUMEL"]
+__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL"]
 
 # Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
 # over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
@@ -77,6 +79,32 @@ def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> tor
     # only when no graph keeps d for a backward
     y = torch.mul(d, scale[:, :, None, None]) if torch.is_grad_enabled() else d.mul_(scale[:, :, None, None])
     return y.add_(bias[:, :, None, None])
+
+
+def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) through the standardizer's own kernel, with x shifted by a value read from x that the output
+    does not depend on (per channel for BN in training, per sample and group for GN, per sample and channel
+    for IN): the kernels' float32 statistics lose precision when the mean is large against the spread."""
+    kind = type(norm)
+    if kind is nn.BatchNorm2d and norm.training and x.shape[0] * x.shape[2] * x.shape[3] > 1:
+        shift = x[:1, :, :1, :1].detach()
+        if not norm.track_running_stats:
+            return norm(x - shift)
+        # what BatchNorm2d.forward does, with the running mean tracked in the shifted frame
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            running_mean = norm.running_mean - shift.flatten().to(norm.running_mean.dtype)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        y = F.batch_norm(x - shift, running_mean, norm.running_var, None, None, True, factor, norm.eps)
+        with torch.no_grad():
+            norm.running_mean.copy_(running_mean + shift.flatten())
+        return y
+    if kind is nn.GroupNorm:
+        shift = _per_channel(x[:, :: x.shape[1] // norm.num_groups, 0, 0], x.shape[1])
+        return norm(x - shift.detach()[:, :, None, None])
+    if kind is nn.InstanceNorm2d and not norm.track_running_stats:
+        return norm(x - x[:, :, :1, :1].detach())
+    return norm(x)
 
 
 def _offset_invstd(norm: nn.Module, m: torch.Tensor, square: torch.Tensor, shift: torch.Tensor,

@@ -101,7 +101,7 @@ class HyperNorm(nn.Module):
             return fused_kernels.fused_standardize_affine(self.norm, x, self._lstm_step)
         # the standardizer's own kernel, then the affine; the LSTM step still as two GEMMs
         h, c = self._lstm_step(x.mean(dim=(2, 3)))
-        return torch.addcmul(c[:, :, None, None], self.norm(x), h[:, :, None, None])
+        return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
 
     def _lstm_step(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, c) from the relayed state; the cell's fused weights are built once per stage and pass."""
@@ -115,7 +115,7 @@ class HyperNorm(nn.Module):
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c."""
         relay = self.relay
         relay.state = h, c = relay.cell.forward_reference(x.mean(dim=(2, 3)), relay.state)
-        return torch.addcmul(c[:, :, None, None], self.norm(x), h[:, :, None, None])
+        return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
 
     def _follow(self, relay: StageRelay) -> None:
         """Use ``relay`` without registering it: the stage's first layer owns it in the state_dict."""
