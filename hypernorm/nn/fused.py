@@ -1,8 +1,8 @@
 """HyperNorm's fused kernels (the standardizer's statistics and the per-sample affine in two passes over x)
 and the shifted standardization that keeps every path accurate in float32.
 
-The moments are taken of d = x - s, with s a per-channel (BN) or per-(sample, channel/group) (GN, IN) shift
-read from x itself (BN in eval: its running mean). Shifting keeps E[d^2] - E[d]^2 free of cancellation when
+The moments are taken of d = x - s, with s an estimate of the mean read from x itself (:func:`_shift`; BN in
+eval: its running mean). Shifting keeps E[d^2] - E[d]^2 free of cancellation when
 the mean is large against the standard deviation, and y = d * scale + bias then never subtracts two large
 numbers either: float32 stays within 1e-5 relative of float64 even at mean/std = 1e4.
 """
@@ -19,6 +19,10 @@ __all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "stan
 # Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
 # over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
 SMALL_EAGER_TRAINING_NUMEL = 1 << 18
+
+# Below this mean/std the norms' float32 kernels lose nothing to cancellation (an error of about
+# (mean/std)^2 float32 roundings), and standardize() leaves their input as it is.
+FAR_MEAN_OVER_STD = 8.0
 
 
 def small_eager_training(x: torch.Tensor) -> bool:
@@ -50,16 +54,7 @@ def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> tor
     means are the GAP), one for y = (x - s) * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
     N, C, H, W = x.shape
     eval_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
-    with torch.no_grad():
-        if eval_bn:
-            shift = norm.running_mean.to(x.dtype)[None, :]
-        elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
-            shift = x[:1, :, 0, 0]
-        elif isinstance(norm, nn.GroupNorm):
-            shift = _per_channel(x[:, :: C // norm.num_groups, 0, 0], C)
-        else:
-            shift = x[:, :, 0, 0]
-        shift = shift.clone()  # not a view of x: x may be freed, and d must not alias it
+    shift = norm.running_mean.to(x.dtype)[None, :] if eval_bn else _shift(norm, x)
     d = x - shift[:, :, None, None]
     autograd = eager_autograd(x)
     m, square = _SampleMoments.apply(d) if autograd else _sample_moments(d)
@@ -87,7 +82,7 @@ def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for IN): the kernels' float32 statistics lose precision when the mean is large against the spread."""
     kind = type(norm)
     if kind is nn.BatchNorm2d and norm.training and x.shape[0] * x.shape[2] * x.shape[3] > 1:
-        shift = x[:1, :, :1, :1].detach()
+        shift = _shift(norm, x, only_if_far=True)[:, :, None, None]
         if not norm.track_running_stats:
             return norm(x - shift)
         # what BatchNorm2d.forward does, with the running mean tracked in the shifted frame
@@ -99,12 +94,30 @@ def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             norm.running_mean.copy_(running_mean + shift.flatten())
         return y
-    if kind is nn.GroupNorm:
-        shift = _per_channel(x[:, :: x.shape[1] // norm.num_groups, 0, 0], x.shape[1])
-        return norm(x - shift.detach()[:, :, None, None])
-    if kind is nn.InstanceNorm2d and not norm.track_running_stats:
-        return norm(x - x[:, :, :1, :1].detach())
+    if kind is nn.GroupNorm or (kind is nn.InstanceNorm2d and not norm.track_running_stats):
+        return norm(x - _shift(norm, x, only_if_far=True)[:, :, None, None])
     return norm(x)
+
+
+def _shift(norm: nn.Module, x: torch.Tensor, only_if_far: bool = False) -> torch.Tensor:
+    """A cheap estimate of the standardizer's mean, constant where its statistics are taken: the mean of the
+    first row of every feature map, per channel (BN, (1, C)), per sample and group (GN) or per sample and
+    channel (IN, (N, C)). Any value near the mean serves; a row is steadier than a single element.
+
+    ``only_if_far``: zero where every row's mean is within FAR_MEAN_OVER_STD of its spread, where the
+    kernels' own statistics are exact to float32 rounding already and an unshifted input keeps their results."""
+    with torch.no_grad():
+        std, mean = torch.std_mean(x[:, :, 0, :].float(), dim=2, correction=0)
+        far = mean.abs() > FAR_MEAN_OVER_STD * std
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            mean, far = mean.mean(dim=0, keepdim=True), far.any(dim=0, keepdim=True)
+        elif isinstance(norm, nn.GroupNorm):
+            N, C = mean.shape
+            mean = _per_channel(mean.view(N, norm.num_groups, C // norm.num_groups).mean(dim=2), C)
+            far = _per_channel(far.view(N, norm.num_groups, C // norm.num_groups).any(dim=2), C)
+        if only_if_far:
+            mean = torch.where(far, mean, 0.0)
+        return mean.to(x.dtype)
 
 
 def _offset_invstd(norm: nn.Module, m: torch.Tensor, square: torch.Tensor, shift: torch.Tensor,
