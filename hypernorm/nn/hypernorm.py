@@ -112,7 +112,8 @@ class HyperNorm(nn.Module):
         return relay.state
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c."""
+        """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c (``standardize`` is norm(x),
+        with x shifted where its mean is far from its spread, for float32 precision)."""
         relay = self.relay
         relay.state = h, c = relay.cell.forward_reference(x.mean(dim=(2, 3)), relay.state)
         return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
