@@ -8,6 +8,7 @@ from torch import nn
 from .factory import split_norm_name
 from .hypernorm import HyperNorm, share_relay
 from .norms import create_base_norm, is_norm, standardizer_like
+from .replace import copy_norm_state, replace_module
 
 __all__ = ["convert", "find_stages"]
 
@@ -50,7 +51,7 @@ def _standardizer(old: nn.Module, base: str | None) -> nn.Module:
     new = create_base_norm(base, _width(old), affine=False)
     if isinstance(new, nn.modules.batchnorm._BatchNorm) and isinstance(old, nn.modules.batchnorm._BatchNorm) \
             and old.track_running_stats and new.track_running_stats:
-        new.load_state_dict({k: v for k, v in old.state_dict().items() if k not in ("weight", "bias")})
+        return copy_norm_state(old, new)
     new.train(old.training)
     return new
 
@@ -105,8 +106,7 @@ def convert(
         layers = []
         for block, norm_name, qualified, old in stage_picks:
             layer = HyperNorm(_width(old), _standardizer(old, base), reduction, name=qualified)
-            parent_name, _, attr = norm_name.rpartition(".")
-            setattr(block.get_submodule(parent_name), attr, layer)
+            replace_module(block, norm_name, layer)
             layers.append(layer)
         share_relay(layers)
     return model
