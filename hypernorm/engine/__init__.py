@@ -1,20 +1,30 @@
-"""Training and evaluation of classifiers: ``train(config)``, ``evaluate_checkpoint(path)``, DDP, checkpoints."""
-from .checkpoint import load_checkpoint, save_checkpoint
-from .distributed import DistEnv, setup_distributed
-from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
-from .trainer import BEST_NOTE, METRIC_FIELDS, evaluate, evaluate_checkpoint, lr_factor, train
+"""Training and evaluation of classifiers: ``train(config)``, ``evaluate_checkpoint(path)``, DDP, checkpoints.
 
-__all__ = [
-    "BEST_NOTE",
-    "CPUSyncBatchNorm",
-    "DistEnv",
-    "METRIC_FIELDS",
-    "evaluate",
-    "evaluate_checkpoint",
-    "load_checkpoint",
-    "lr_factor",
-    "save_checkpoint",
-    "setup_distributed",
-    "train",
-    "use_cpu_sync_batchnorm",
-]
+Names are imported on first use, so that the command line and config loading do not pay for torch.
+"""
+import importlib
+
+_EXPORTS = {
+    "BEST_NOTE": "trainer", "METRIC_FIELDS": "trainer", "evaluate": "trainer", "evaluate_checkpoint": "trainer",
+    "train": "trainer",
+    "fit": "loop", "lr_factor": "loop", "Task": "loop", "TrainParts": "loop", "TrainingDiverged": "loop",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "DistEnv": "distributed", "setup_distributed": "distributed", "distributed": "distributed",
+    "CPUSyncBatchNorm": "sync_batchnorm", "use_cpu_sync_batchnorm": "sync_batchnorm",
+    "DEFAULT_CONFIG": "schema", "RESUMABLE_DIFFERENCES": "schema", "resolve_config": "schema",
+    "validate_config": "schema",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hypernorm.engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

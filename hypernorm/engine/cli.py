@@ -5,8 +5,9 @@ import argparse
 import os
 from typing import Any
 
+import sys
+
 from ..config import load_config, parse_overrides
-from .trainer import BEST_NOTE, evaluate_checkpoint, train
 
 __all__ = ["add_parser", "format_result_table"]
 
@@ -21,7 +22,7 @@ def format_result_table(summary: dict[str, Any]) -> str:
         entry = summary.get(key)
         if entry:
             lines.append(f"{label:<14}{entry['top1_err']:>15.2f}{entry['top5_err']:>15.2f}{entry['epoch']:>7}")
-    lines.append(f"* {BEST_NOTE}")
+    lines.append(f"* {summary['best_selection']}")
     if summary.get("mean_epoch_time_s"):
         lines.append(f"mean epoch time {summary['mean_epoch_time_s']:.1f}s, {summary['mean_images_per_s']:.0f} "
                      f"train images/s on {summary['device']}; run folder {summary['run_dir']}")
@@ -29,8 +30,15 @@ def format_result_table(summary: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .loop import TrainingDiverged  # torch is imported by the commands that use it, not by --help
+    from .trainer import train
+
     config = load_config(args.config, args.overrides)
-    summary = train(config, quiet=args.quiet)
+    try:
+        summary = train(config, quiet=args.quiet)
+    except TrainingDiverged as err:  # recorded as failed in the run folder; one line, no traceback
+        print(f"hypernorm {args.command}: error: {err}", file=sys.stderr)
+        return 1
     if _is_rank0():
         print(format_result_table(summary))
     return 0
@@ -41,6 +49,8 @@ def _is_rank0() -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .trainer import evaluate_checkpoint
+
     result = evaluate_checkpoint(args.checkpoint, parse_overrides(args.overrides), progress=not args.quiet)
     if _is_rank0():
         print(f"{result['model']} / {result['norm']} on {result['dataset']}, checkpoint of epoch {result['epoch']} "
