@@ -18,7 +18,7 @@ from typing import Any, Callable
 import yaml
 
 __all__ = ["load_config", "merge_config", "apply_overrides", "parse_overrides", "dump_config", "flatten",
-           "rename_keys", "expect", "DATA_ENV"]
+           "rename_keys", "rename_overrides", "expect", "DATA_ENV"]
 
 DATA_ENV = "HYPERNORM_DATA"  # environment variable naming the data root when data.root is null
 
@@ -195,9 +195,8 @@ def rename_keys(config: dict[str, Any], renamed: dict[str, str], where: str) -> 
         if not isinstance(node, dict) or old_leaf not in node:
             continue
         value = node.pop(old_leaf)
-        warnings.warn(f"{where}: config key {old!r} is deprecated and will be removed in the next release; "
-                      f"use {new!r}", FutureWarning, stacklevel=3)
-        if new is None:  # a key with no successor (its behaviour is now the rule)
+        warnings.warn(f"{where}: {_deprecation(old, new)}", FutureWarning, stacklevel=3)
+        if new is None:
             continue
         *sections, leaf = new.split(".")
         target = config
@@ -205,6 +204,12 @@ def rename_keys(config: dict[str, Any], renamed: dict[str, str], where: str) -> 
             target = target.setdefault(section, {})
         target[leaf] = value
     return config
+
+
+def _deprecation(old: str, new: str | None) -> str:
+    if new is None:  # a key with no successor: its behaviour is now the rule
+        return f"config key {old!r} is deprecated and ignored; remove it (it is refused from the next release)"
+    return f"config key {old!r} is deprecated; use {new!r} (the old name is refused from the next release)"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
@@ -223,22 +228,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     config = copy.deepcopy(defaults)
     if path is not None:
         config = _merge_file(config, Path(path), defaults, renamed=renamed or {})
-    overrides = list(overrides or [])
-    if renamed:
-        overrides = [_rename_override(item, renamed) for item in overrides]
-        overrides = [item for item in overrides if item is not None]
-    config = apply_overrides(config, overrides, defaults)
+    config = apply_overrides(config, rename_overrides(overrides or [], renamed or {}), defaults)
     return validate(config) if validate is not None else config
 
 
-def _rename_override(item: str, renamed: dict[str, str | None]) -> str | None:
-    key, sep, text = item.partition("=")
-    if sep and key.strip() in renamed:
-        new = renamed[key.strip()]
-        warnings.warn(f"override {item!r}: config key {key.strip()!r} is deprecated and will be removed in the next "
-                      f"release; use {new!r}", FutureWarning, stacklevel=3)
-        return None if new is None else f"{new}={text}"
-    return item
+def rename_overrides(overrides: list[str], renamed: dict[str, str | None]) -> list[str]:
+    """``key=value`` strings with deprecated keys moved to their new names (or dropped), a FutureWarning each."""
+    result = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        new = renamed.get(key.strip(), key.strip()) if sep else key
+        if sep and key.strip() in renamed:
+            warnings.warn(f"override {item!r}: {_deprecation(key.strip(), new)}", FutureWarning, stacklevel=3)
+        if new is not None:
+            result.append(f"{new}={text}" if sep else item)
+    return result
 
 
 def dump_config(config: dict[str, Any]) -> str:

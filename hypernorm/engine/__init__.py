@@ -9,7 +9,7 @@ _EXPORTS = {
     "train": "trainer",
     "fit": "loop", "lr_factor": "loop", "Task": "loop", "TrainParts": "loop", "TrainingDiverged": "loop",
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "DistEnv": "distributed", "setup_distributed": "distributed", "distributed": "distributed",
+    "DistEnv": "distributed", "setup_distributed": "distributed", "process_group": "distributed",
     "CPUSyncBatchNorm": "sync_batchnorm", "use_cpu_sync_batchnorm": "sync_batchnorm",
     "DEFAULT_CONFIG": "schema", "RESUMABLE_DIFFERENCES": "schema", "resolve_config": "schema",
     "validate_config": "schema",

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "setup_distributed", "distributed", "all_reduce_sum", "all_gather_object", "barrier"]
+__all__ = ["DistEnv", "setup_distributed", "process_group", "all_reduce_sum", "all_gather_object", "barrier"]
 
 
 @dataclass
@@ -52,7 +52,7 @@ def setup_distributed(device: str = "auto") -> DistEnv:
 
 
 @contextlib.contextmanager
-def distributed(device: str = "auto") -> Iterator[DistEnv]:
+def process_group(device: str = "auto") -> Iterator[DistEnv]:
     """The process group for one call (train, evaluate, detection alike): joined here, and destroyed on the way out
     if this call created it; a group the caller opened stays open."""
     env = setup_distributed(device)

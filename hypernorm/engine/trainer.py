@@ -22,7 +22,7 @@ from ..config import merge_config
 from ..data import Normalize, build_dataset
 from ..models import create_model
 from .checkpoint import load_checkpoint
-from .distributed import DistEnv, all_reduce_sum, distributed
+from .distributed import DistEnv, all_reduce_sum, process_group
 from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads
 from .schema import RESUMABLE_DIFFERENCES, resolve_config
 from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
@@ -191,7 +191,7 @@ def train(config: dict[str, Any], *, quiet: bool = False) -> dict[str, Any]:
     Under torchrun every process calls this; the batch size is per process and rank 0 writes the run folder.
     """
     config = resolve_config(config)
-    with threads(config["train"]["threads"]), distributed(config["train"]["device"]) as env:
+    with threads(config["train"]["threads"]), process_group(config["train"]["device"]) as env:
         return fit(Classification, config, env, quiet)
 
 
@@ -203,7 +203,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
         raise ValueError(f"checkpoint {str(path)!r} holds a {state['task']} run; evaluate it with hypernorm "
                          f"detect-eval")
     config = resolve_config(merge_config(state["config"], overrides or {}))
-    with threads(config["train"]["threads"]), distributed(config["train"]["device"]) as env:
+    with threads(config["train"]["threads"]), process_group(config["train"]["device"]) as env:
         test_set, info = build_dataset(config["data"], train=False)
         model = create_model(config["model"]["name"], config["model"]["norm"],
                              config["model"]["num_classes"] or info.num_classes)
