@@ -125,7 +125,12 @@ def parse_overrides(overrides: list[str], defaults: dict[str, Any] | None = None
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.05)")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "unreadable"
+            raise ValueError(f"override {item!r} is not valid YAML ({problem}); quote strings, close [lists] and "
+                             f"{{mappings}}") from None
         name = key.strip()
         if name not in flat_defaults:
             if any(k.startswith(name + ".") for k in flat_defaults):
