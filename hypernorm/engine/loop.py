@@ -284,8 +284,9 @@ class _Fit:
         if self.resized:  # the schedule continues at the same point of the run in epochs, at the new length
             self.iteration = self.start_epoch * self.iters
             self.scheduler.last_epoch = self.iteration
-            for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-                group["lr"] = lr
+            for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                           self.scheduler.lr_lambdas):
+                group["lr"] = base * factor(self.iteration)
         states = state["rng"]
         if len(states) == self.env.world_size:
             set_rng_state(states[self.env.rank])  # last: nothing may draw random numbers between here and training
