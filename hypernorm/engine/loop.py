@@ -216,8 +216,10 @@ class _Fit:
                          f"or delete {self.dir} to run it again")
 
     def _check_size(self, state: dict[str, Any]) -> None:
-        world, batch = state.get("world_size"), state.get("global_batch")
-        if world is None or (world, batch) == (self.env.world_size, self.global_batch):
+        # checkpoints of the first format hold them in the summary and as the number of RNG states
+        world = state.get("world_size", len(state["rng"]))
+        batch = state.get("global_batch", (state.get("summary") or {}).get("global_batch"))
+        if (world, batch) == (self.env.world_size, self.global_batch):
             return
         before = f"{world} process(es), global batch {batch}"
         now = f"{self.env.world_size} process(es), global batch {self.global_batch}"
@@ -378,6 +380,8 @@ class _Fit:
         }
         if reason is not None:
             summary["reason"] = reason
+        if status == "failed":  # no result of a failed run can reach a table; metrics.csv keeps the rows
+            summary.update({key: None for key in ("final", "best") if key in summary})
         if self.resized:
             summary["resized"] = self.resized
         return summary

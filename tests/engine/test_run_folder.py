@@ -12,6 +12,7 @@ from hypernorm.cli import main
 from hypernorm.engine import RESUMABLE_DIFFERENCES, load_checkpoint, resolve_config, train
 from hypernorm.engine.checkpoint import save_checkpoint
 from hypernorm.engine.loop import TrainingDiverged, _Fit
+from hypernorm.engine.trainer import Classification
 from tests.data.cifar_fixture import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,6 +69,20 @@ def test_diverged_run_is_marked_failed_and_never_done(cifar_root, tmp_path, caps
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "error:" in err and "non-finite train loss" in err and "Traceback" not in err
+
+
+def test_non_finite_test_loss_fails_the_run(cifar_root, tmp_path, monkeypatch):
+    real_evaluate = Classification.evaluate
+
+    def nan_loss(self, *args):
+        return {**real_evaluate(self, *args), "test_loss": float("nan")}
+
+    monkeypatch.setattr(Classification, "evaluate", nan_loss)
+    with pytest.raises(TrainingDiverged, match="non-finite test loss"):
+        train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["final"] is None and summary["best"] is None
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 2  # the epoch's row kept, to inspect
 
 
 def test_resume_with_another_world_size_or_batch_is_refused_unless_allowed(cifar_root, tmp_path):

@@ -85,7 +85,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="corrupt or not a hypernorm checkpoint"):
+    with pytest.raises(ValueError, match="corrupt, truncated or not a hypernorm checkpoint"):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing.pt")
