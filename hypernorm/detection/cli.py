@@ -2,10 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 
 from .schema import load_detection_config
+
+
+def _load(args: argparse.Namespace) -> dict:
+    """The config, with each renamed key's deprecation as one line (not a warning's source listing)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FutureWarning)
+        config = load_detection_config(args.config, args.overrides)
+    for warning in caught:
+        print(f"hypernorm {args.command}: warning: {warning.message}", file=sys.stderr)
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -13,7 +23,7 @@ def _train(args: argparse.Namespace) -> int:
     from .engine import train
 
     try:
-        train(load_detection_config(args.config, args.overrides), quiet=args.quiet)
+        train(_load(args), quiet=args.quiet)
     except TrainingDiverged as err:  # recorded as failed in the run folder; one line, no traceback
         print(f"hypernorm {args.command}: error: {err}", file=sys.stderr)
         return 1
@@ -36,7 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = resolve_detection_config(apply_overrides(resolve_detection_config(saved), overrides,
                                                        DEFAULT_DETECTION_CONFIG))
     else:
-        cfg = load_detection_config(args.config, args.overrides)
+        cfg = _load(args)
     evaluate_checkpoint(cfg, args.checkpoint)
     return 0
 

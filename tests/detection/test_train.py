@@ -135,6 +135,31 @@ def test_cli_reports_bad_config_key(capsys):
     assert "model.kwargs={box_score_thresh: ...}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.hflip=2", "'data.hflip' expects a probability in [0, 1], got 2"),
+    ("model.arch=resnet7", "'model.arch' expects one of resnet18, resnet34, resnet50, resnet101"),
+    ("model.backbone_norm=none", "'model.backbone_norm' expects one of frozenbn, bn,"),
+    ("model.trainable_backbone_layers=6", "'model.trainable_backbone_layers' expects an int in 0..5 or null"),
+    ("model.max_size=10", "'model.max_size' expects at least model.min_size=800"),
+    ("train.max_iters=0", "'train.max_iters' expects a positive int or null"),
+    ("optim.milestones=[8, 12]", "'optim.milestones' expects epochs before the last (train.epochs=12)"),
+    ("optim.lr_batch=0", "'optim.lr_batch' expects a positive int"),
+])
+def test_cli_bad_values_are_one_line_before_anything_is_written(override, message, tmp_path, capsys):
+    assert cli.main(["detect-train", f"output.dir={tmp_path / 'run'}", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_renamed_keys_warn_in_one_line(tmp_path, capsys):
+    assert cli.main(["detect-train", f"train.output={tmp_path / 'run'}", f"data.root={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"hypernorm detect-train: warning: override 'train.output={tmp_path / 'run'}': config key "
+                      f"'train.output' is deprecated; use 'output.dir' (the old name is refused from the next release)")
+    assert "does not exist" in err[1] and not (tmp_path / "run").exists()
+
+
 def test_torchrun_ddp_two_processes(tiny_coco, tmp_path):
     """2-process gloo DDP on CPU: DistributedSampler shards, DDP syncs, evaluation gathers both shards. SyncBHN
     everywhere: HyperNorm relays in backbone, neck and head, and the SyncBN standardizers run as the engine's
