@@ -5,6 +5,7 @@ import argparse
 import sys
 import warnings
 
+from ..engine.cli import add_training_parser
 from .schema import load_detection_config
 
 
@@ -52,13 +53,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("detect-train", help="train Faster R-CNN R50-FPN with a backbone/neck norm pair on COCO",
-                              description="Train a detector (configs/detection/*.yaml) into output.dir, resuming "
-                                          "from its checkpoint.pt if there is one; key=value overrides the config.")
-    p.add_argument("-c", "--config", help="YAML config, e.g. configs/detection/faster_rcnn_r50_fpn_1x_bhn_bhn.yaml")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.root=/data/coco train.max_iters=10")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
-    p.set_defaults(func=_train)
+    add_training_parser(subparsers, "detect-train", _train,
+                        "train Faster R-CNN R50-FPN with a backbone/neck norm pair on COCO into output.dir",
+                        "YAML config, e.g. configs/detection/faster_rcnn_r50_fpn_1x_bhn_bhn.yaml",
+                        "e.g. data.root=/data/coco train.max_iters=10")
 
     p = subparsers.add_parser("detect-eval", help="COCO bbox AP of a trained detector (Table 2 layout)",
                               description="Evaluate a detector checkpoint on the val split with pycocotools.")

@@ -9,7 +9,7 @@ import sys
 
 from ..config import load_config, parse_overrides
 
-__all__ = ["add_parser", "format_result_table"]
+__all__ = ["add_parser", "add_training_parser", "format_result_table"]
 
 
 def format_result_table(summary: dict[str, Any]) -> str:
@@ -60,14 +60,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="train a classifier (CIFAR, ImageNet) into a run folder",
-                              description="Train into output.dir, resuming from its checkpoint.pt if there is one. "
-                                          "Launch with torchrun for DDP; train.batch_size is per process.")
-    p.add_argument("-c", "--config", help="YAML config (see configs/); keys not in it keep their defaults")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.norm=bhn optim.lr=0.05")
+def add_training_parser(subparsers: argparse._SubParsersAction, name: str, func, help: str, config_help: str,
+                        overrides_help: str) -> None:
+    """A command of the shared loop (train, detect-train): a config, key=value overrides, --quiet."""
+    p = subparsers.add_parser(name, help=help, description=f"{help[0].upper()}{help[1:]}, resuming from its "
+                              f"checkpoint.pt if there is one. Launch with torchrun for DDP; train.batch_size is per "
+                              f"process.")
+    p.add_argument("-c", "--config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.add_argument("--quiet", action="store_true", help="no progress bar and no per-epoch lines")
-    p.set_defaults(func=_train)
+    p.set_defaults(func=func)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    add_training_parser(subparsers, "train", _train, "train a classifier (CIFAR, ImageNet) into output.dir",
+                        "YAML config (see configs/); keys not in it keep their defaults",
+                        "e.g. model.norm=bhn optim.lr=0.05")
 
     p = subparsers.add_parser("eval", help="evaluate a checkpoint on its test set")
     p.add_argument("checkpoint", help="a checkpoint.pt or the run folder holding it")
