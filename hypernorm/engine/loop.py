@@ -320,8 +320,8 @@ class _Fit:
             self.history.append(row)
             for key in ("train_loss", "test_loss"):
                 if row.get(key) is not None and not math.isfinite(row[key]):
-                    self._fail(f"non-finite {key.replace('_', ' ')} ({row[key]}) in epoch {epoch}: training "
-                               f"diverged; lower optim.lr or set train.grad_clip")
+                    self._fail(f"non-finite {key.replace('_', ' ')} ({row[key]}) in epoch {epoch} (iteration "
+                               f"{self.iteration}): training diverged; lower optim.lr or set train.grad_clip")
             self._save(epoch, "done" if last else "running")
             self.log(self.task.epoch_line(row))
             if last:
@@ -339,6 +339,10 @@ class _Fit:
         for batch in bar:
             with autocast(env.device, self.amp):
                 loss, values = self.task.train_step(net, batch)
+            if not env.distributed and not torch.isfinite(loss):
+                # stop before the step, so the checkpointed weights stay finite; under DDP every rank must agree,
+                # so there the epoch's reduced loss decides
+                return {"train_loss": loss.item()}, time.perf_counter() - start, max(steps, 1)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if clip is not None:
