@@ -3,8 +3,9 @@
 The generic machinery only; each schema lives beside its user (classification's ``DEFAULT_CONFIG`` and
 ``validate_config`` in ``hypernorm.engine.schema``, detection's in ``hypernorm.detection.schema``), and is the
 default here when no other is given. Every valid key is in the defaults; a YAML file or an override only changes
-values. Unknown keys are an error that lists the valid ones, so a typo never silently trains the wrong thing. A YAML file may extend
-another with ``_base_: other.yaml`` (relative to the file); its own values are applied on top of the other's.
+values. Unknown keys are an error that lists the valid ones, so a typo never silently trains the wrong thing. A YAML
+file may extend another with ``_base_: other.yaml`` (relative to the file); its own values are applied on top of the
+other's.
 A key whose default is an empty mapping (``{}``) takes any mapping, which replaces the previous one whole.
 """
 from __future__ import annotations

@@ -9,7 +9,6 @@ selected on the test set (as the paper's baselines were) and therefore optimisti
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
 from typing import Any
 
 import torch

@@ -54,7 +54,8 @@ def test_diverged_run_is_marked_failed_and_never_done(cifar_root, tmp_path, caps
     out = tmp_path / "run"
     config = tiny_config(cifar_root, out, train={"epochs": 3}, optim={"lr": 1e6, "sched": "step",
                                                                        "milestones": []})
-    with pytest.raises(TrainingDiverged, match=r"non-finite train loss \(nan\) in epoch 1 \(iteration \d\): training diverged"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"non-finite train loss \(nan\) in epoch 1 \(iteration \d\): training diverged"):
         train(config, quiet=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "failed" and not summary["done"] and "non-finite" in summary["reason"]
