@@ -7,6 +7,7 @@ and ``checkpoint.pt``; a rerun into it resumes from the checkpoint and refuses a
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..engine.checkpoint import read_checkpoint
 from ..engine.distributed import process_group
@@ -29,8 +32,20 @@ __all__ = ["DEFAULT_DETECTION_CONFIG", "Detection", "build_model", "build_datase
 LOSSES = ("loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")  # torchvision's Faster R-CNN
 
 
+def _faster_rcnn_arguments() -> set[str]:
+    """What model.kwargs may set: FasterRCNN's arguments and its transform's (which would swallow any other key)."""
+    names = set()
+    for function in (FasterRCNN.__init__, GeneralizedRCNNTransform.__init__):
+        names |= {p.name for p in inspect.signature(function).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return names - {"self", "backbone", "num_classes", "box_head", "min_size", "max_size"}
+
+
 def build_model(cfg: dict[str, Any], num_classes: int) -> nn.Module:
     m = cfg["model"]
+    unknown = sorted(set(m["kwargs"]) - _faster_rcnn_arguments())
+    if unknown:
+        raise ValueError(f"config key 'model.kwargs' expects arguments of torchvision's FasterRCNN "
+                         f"({', '.join(sorted(_faster_rcnn_arguments()))}), got {', '.join(unknown)}")
     return create_detector(
         m["backbone_norm"], m["neck_norm"], m["num_classes"] or num_classes, arch=m["arch"],
         weights_backbone=m["weights_backbone"], trainable_backbone_layers=m["trainable_backbone_layers"],

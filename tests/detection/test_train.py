@@ -152,6 +152,16 @@ def test_cli_bad_values_are_one_line_before_anything_is_written(override, messag
     assert not (tmp_path / "run").exists()
 
 
+def test_unknown_torchvision_argument_is_one_line(tiny_coco, tmp_path, capsys):
+    args = tiny_config_overrides(*tiny_coco, str(tmp_path / "run")) + ["model.kwargs={box_nms: 0.5}"]
+    assert cli.main(["detect-train", "--quiet"] + args) == 2
+    err = capsys.readouterr().err
+    # torchvision would swallow the key silently (its transform takes **kwargs)
+    assert "'model.kwargs' expects arguments of torchvision's FasterRCNN (" in err and "box_nms_thresh" in err
+    assert err.strip().endswith("got box_nms")
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
 def test_cli_renamed_keys_warn_in_one_line(tmp_path, capsys):
     assert cli.main(["detect-train", f"train.output={tmp_path / 'run'}", f"data.root={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err.splitlines()
