@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-import torch.distributed as dist
-
 from ..config import apply_overrides, load_config, merge_config
-from .engine import DEFAULT_DETECTION_CONFIG, evaluate_checkpoint, train
 
 
 def _train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist  # here, not at the top: building the parser must not load torch
+
+    from .engine import DEFAULT_DETECTION_CONFIG, train
+
     try:
         train(load_config(args.config, args.overrides, defaults=DEFAULT_DETECTION_CONFIG))
     finally:
@@ -20,6 +20,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from .engine import DEFAULT_DETECTION_CONFIG, evaluate_checkpoint
+
     if args.config is None and args.checkpoint is None:
         raise ValueError("give -c CONFIG (evaluates CONFIG's train.output/last.pth) or --checkpoint PATH")
     defaults = DEFAULT_DETECTION_CONFIG

@@ -6,13 +6,13 @@ import os
 from typing import Any
 
 from ..config import load_config, parse_overrides
-from .trainer import BEST_NOTE, evaluate_checkpoint, train
 
 __all__ = ["add_parser", "format_result_table"]
 
 
 def format_result_table(summary: dict[str, Any]) -> str:
     """Final and best test errors, labelled, with the data set and batch they came from."""
+    from .trainer import BEST_NOTE  # imported here: building the parser must not load torch
     lines = [f"{summary['model']} / {summary['norm']} on {summary['dataset']} (global batch {summary['global_batch']}"
              f" = {summary['world_size']} x {summary['batch_size_per_process']}, {summary['epochs_done']}/"
              f"{summary['epochs']} epochs)",
@@ -29,6 +29,8 @@ def format_result_table(summary: dict[str, Any]) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .trainer import train
+
     config = load_config(args.config, args.overrides)
     summary = train(config, quiet=args.quiet)
     if _is_rank0():
@@ -41,6 +43,8 @@ def _is_rank0() -> bool:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .trainer import evaluate_checkpoint
+
     result = evaluate_checkpoint(args.checkpoint, parse_overrides(args.overrides), progress=not args.quiet)
     if _is_rank0():
         print(f"{result['model']} / {result['norm']} on {result['dataset']}, checkpoint of epoch {result['epoch']} "
