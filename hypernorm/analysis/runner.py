@@ -37,6 +37,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,7 @@ def _lock_held(folder: Path) -> bool:
     return False
 
 
-def _plan(run: Run, config: dict[str, Any]) -> PlannedRun:
+def _plan(run: Run, config: dict[str, Any], probe_locks: bool) -> PlannedRun:
     folder = run.folder
     saved_path = folder / "config.yaml"
     state = read_run_status(folder)
@@ -179,22 +180,24 @@ def _plan(run: Run, config: dict[str, Any]) -> PlannedRun:
         return PlannedRun(run, config, "conflict", "finished, but without config.yaml: its config is unknown")
     if state.status == "done":
         return PlannedRun(run, config, "done")
-    if folder.is_dir() and _lock_held(folder):
+    if probe_locks and folder.is_dir() and _lock_held(folder):
         return PlannedRun(run, config, "running", "held by another process")
     detail = {"failed": f"failed before ({state.reason}); retried", "running": f"resumes ({state.reason})"}
     return PlannedRun(run, config, "to run", detail.get(state.status, ""))
 
 
-def plan_grid(grid: dict) -> list[PlannedRun]:
+def plan_grid(grid: dict, probe_locks: bool = False) -> list[PlannedRun]:
     """Each run with its resolved config and state. Every config is resolved first, so a bad value in any run
-    is an error before anything is written."""
+    is an error before anything is written. ``probe_locks`` (for listing only) marks the runs another process
+    holds as running; a runner finds them when it tries to claim them."""
     configs = [(run, _run_config(grid, run)) for run in expand_grid(grid)]
-    return [_plan(run, config) for run, config in configs]
+    return [_plan(run, config, probe_locks) for run, config in configs]
 
 
-def _claim(folder: Path) -> int | None:
+def _claim(folder: Path, attempts: int = 1) -> int | None:
     """An open descriptor holding an exclusive flock on the run's lock file, or None if another process holds
-    it. The OS drops the lock when its holder dies, so there is no stale lock to take over by hand."""
+    it (``attempts`` tries, 20 ms apart: a --dry-run elsewhere holds it for a moment only). The OS drops the
+    lock when its holder dies, so there is no stale lock to take over by hand."""
     path = folder / LOCK_NAME
     while True:
         fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -202,7 +205,11 @@ def _claim(folder: Path) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return None
+            attempts -= 1
+            if attempts <= 0:
+                return None
+            time.sleep(0.02)
+            continue
         try:
             current = os.stat(path).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -228,7 +235,7 @@ def _train_claimed(planned: PlannedRun, train_fn: TrainFn) -> tuple[str, str]:
     """Train one run under its lock: ("trained" | "failed" | "passed by", one-line detail)."""
     run = planned.run
     run.folder.mkdir(parents=True, exist_ok=True)
-    lock = _claim(run.folder)
+    lock = _claim(run.folder, attempts=5)
     if lock is None:
         return "passed by", "held by another process"
     try:
@@ -303,9 +310,9 @@ def _run_parallel(todo: list[PlannedRun], train_fn: TrainFn, workers: int):
             for sentinel in multiprocessing.connection.wait(list(active)):
                 process, receiver, planned = active.pop(sentinel)
                 process.join()
-                if receiver.poll():
+                try:
                     outcome, detail = receiver.recv()
-                else:
+                except EOFError:  # it died before answering
                     outcome, detail = "failed", f"worker process died (exit code {process.exitcode}); see " \
                                                 f"{planned.run.folder / 'train.log'}"
                 receiver.close()
@@ -327,7 +334,7 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
     """
     if train_fn is None:
         from ..engine import train as train_fn
-    planned = plan_grid(grid)
+    planned = plan_grid(grid, probe_locks=dry_run)
     counts = {state: sum(p.state == state for p in planned) for state in ("done", "to run", "running", "conflict")}
     print(f"experiment {grid['name']}: {len(planned)} runs, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n
                                                                           or s in ("done", "to run")))
@@ -360,4 +367,7 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
             else:
                 result.trained.append(p.run.name)
             bar.update(1)
+    if result.passed_by:
+        print(f"experiment {grid['name']}: {len(result.passed_by)} run(s) left to the other process(es) working on "
+              f"them: {', '.join(result.passed_by)}")
     return result
