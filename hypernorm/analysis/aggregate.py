@@ -125,10 +125,10 @@ def collect_runs(root: str | Path) -> RunCollection:
         summary = state.summary
         config_path = folder / "config.yaml"
         if not config_path.is_file():
-            excluded.append((name, "no config.yaml: the config that made it is unknown"))
+            excluded.append((name, "done, but no config.yaml: the config that made it is unknown"))
             continue
         if not _finite_errors(summary):
-            excluded.append((name, "summary.json holds no finite final and best test errors"))
+            excluded.append((name, "done, but summary.json holds no finite final and best test errors"))
             continue
         config = yaml.safe_load(config_path.read_text()) or {}
         flat = {**flatten(DEFAULT_CONFIG), **flatten(config)}

@@ -16,7 +16,7 @@ def write_run(root: Path, name: str, *, model="resnet20", norm="bn", batch=128, 
     folder = root / name
     folder.mkdir(parents=True)
     full = {"model": {"name": model, "norm": norm}, "data": {"dataset": dataset},
-            "train": {"batch_size": batch, "seed": seed}}
+            "train": {"batch_size": batch, "seed": seed, "epochs": epochs}}
     for section, values in (config or {}).items():
         full.setdefault(section, {}).update(values)
     (folder / "config.yaml").write_text(yaml.safe_dump(full))
