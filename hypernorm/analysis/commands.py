@@ -74,9 +74,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     exp.add_argument("--dry-run", action="store_true",
                      help="list each run as done, to run, running (another process) or conflict, and stop")
-    exp.add_argument("--workers", default="1", metavar="N|auto",
+    exp.add_argument("--workers", default="auto", metavar="N|auto",
                      help="runs trained at once, each in its own process with one torch thread unless "
-                          "train.threads is set (auto: the usable cores; default 1: in this process)")
+                          "train.threads is set, its output in the run folder's train.log (default auto: the "
+                          "usable cores; 1: one run after the other in this process, torch's thread count)")
     exp.add_argument("--output-dir", default=None, help="folder for the run folders (default: the grid's)")
     exp.set_defaults(func=_experiment)
     rep = subparsers.add_parser("report", help="tables (mean ± std over seeds) and figures from run folders")

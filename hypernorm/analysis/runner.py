@@ -352,21 +352,26 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
             f"keys: {', '.join(keys)}; e.g. {first.run.folder}: {first.detail}); give this config its own "
             f"--output-dir, or delete those folders to start over")
     todo = [p for p in planned if p.state == "to run"]
+    order = {p.run.name: i for i, p in enumerate(planned)}
+    failed: list[tuple[int, str]] = []
     workers = min(usable_workers(workers), max(1, len(todo)))
     with tqdm(total=len(todo), desc=grid["name"], unit="run", disable=not todo) as bar:
         if workers == 1:
             outcomes = ((p, *_train_claimed(p, train_fn)) for p in todo)
         else:
+            tqdm.write(f"{len(todo)} runs in {workers} worker processes; each run's output is in its folder's "
+                       f"train.log")
             outcomes = _run_parallel(todo, train_fn, workers)
         for p, outcome, detail in outcomes:
             if outcome == "failed":
-                result.failures.append(f"{p.run.name}: {detail}")
+                failed.append((order[p.run.name], f"{p.run.name}: {detail}"))
                 tqdm.write(f"FAILED {p.run.name}: {detail}")
             elif outcome == "passed by":
                 result.passed_by.append(p.run.name)
             else:
                 result.trained.append(p.run.name)
             bar.update(1)
+    result.failures = [line for _, line in sorted(failed)]  # grid order, however the workers finished
     if result.passed_by:
         print(f"experiment {grid['name']}: {len(result.passed_by)} run(s) left to the other process(es) working on "
               f"them: {', '.join(result.passed_by)}")
