@@ -100,6 +100,17 @@ def test_places_and_speed_settings_may_change(grid_file, journal, tmp_path):
     assert result.trained == [] and len(journal_lines(journal)) == 4
 
 
+def test_a_key_added_to_the_defaults_since_is_no_conflict(grid_file, journal):
+    grid = load_grid(grid_file)
+    run_grid(grid, FakeTrain(journal))
+    for run in expand_grid(grid):  # as written by a version without train.grad_clip
+        saved = yaml.safe_load((run.folder / "config.yaml").read_text())
+        del saved["train"]["grad_clip"]
+        (run.folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert {p.state for p in plan_grid(grid)} == {"done"}
+    assert [p.differing for p in plan_grid(load_grid(grid_file, ["train.grad_clip=1.0"]))][0] == ["train.grad_clip"]
+
+
 def test_output_dir_gives_a_new_config_its_own_runs(grid_file, journal, tmp_path):
     run_grid(load_grid(grid_file), FakeTrain(journal))
     result = run_grid(load_grid(grid_file, ["train.epochs=5"], tmp_path / "long"), FakeTrain(journal))
