@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from ..config import DEFAULT_CONFIG, flatten
+from ..config import flatten
 
 __all__ = ["RunStatus", "RunCollection", "read_run_status", "collect_runs", "summarize", "format_table",
            "format_excluded", "write_tables", "setting_key", "varying_keys", "SEED_KEYS", "COLUMN_KEYS"]
@@ -72,7 +72,7 @@ def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
     """Flat resolved config (defaults filled in) without the seed and the keys that may differ on resume."""
     from ..engine import RESUMABLE_DIFFERENCES
 
-    flat = {**flatten(DEFAULT_CONFIG), **flatten(config or {})}
+    flat = {**flatten(_defaults()), **flatten(config or {})}
     return {k: v for k, v in flat.items() if k not in SEED_KEYS and k not in RESUMABLE_DIFFERENCES}
 
 
@@ -87,6 +87,12 @@ def varying_keys(configs: Iterable[dict[str, Any]]) -> list[str]:
     configs = list(configs)
     keys = dict.fromkeys(k for c in configs for k in c)
     return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+
+
+def _defaults() -> dict[str, Any]:
+    from ..engine import DEFAULT_CONFIG  # the classification schema; loaded when a report is made
+
+    return DEFAULT_CONFIG
 
 
 def _read_metrics(path: Path) -> list[dict[str, float]]:
@@ -131,7 +137,7 @@ def collect_runs(root: str | Path) -> RunCollection:
             excluded.append((name, "done, but summary.json holds no finite final and best test errors"))
             continue
         config = yaml.safe_load(config_path.read_text()) or {}
-        flat = {**flatten(DEFAULT_CONFIG), **flatten(config)}
+        flat = {**flatten(_defaults()), **flatten(config)}
         rows.append({
             "run": name,
             "dataset": summary.get("dataset", flat["data.dataset"]),

@@ -146,8 +146,7 @@ def _run_config(grid: dict, run: Run) -> dict:
 def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """``"key: saved -> wanted"`` for every key of ``wanted`` that differs, except those a resumed run may
     change. A key the saved config lacks (added to the defaults since) compares as its default."""
-    from ..config import DEFAULT_CONFIG
-    from ..engine import RESUMABLE_DIFFERENCES
+    from ..engine import DEFAULT_CONFIG, RESUMABLE_DIFFERENCES
 
     old, new = {**flatten(DEFAULT_CONFIG), **flatten(saved)}, flatten(wanted)
     keys = [k for k in new if k not in RESUMABLE_DIFFERENCES]

@@ -8,7 +8,8 @@ _EXPORTS = {
     "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "DistEnv": "distributed", "setup_distributed": "distributed",
     "CPUSyncBatchNorm": "sync_batchnorm", "use_cpu_sync_batchnorm": "sync_batchnorm",
-    "BEST_NOTE": "trainer", "METRIC_FIELDS": "trainer", "RESUMABLE_DIFFERENCES": "trainer", "evaluate": "trainer",
+    "DEFAULT_CONFIG": "trainer", "BEST_NOTE": "trainer", "METRIC_FIELDS": "trainer",
+    "RESUMABLE_DIFFERENCES": "trainer", "evaluate": "trainer",
     "evaluate_checkpoint": "trainer", "lr_factor": "trainer", "resolve_config": "trainer", "train": "trainer",
 }
 
