@@ -21,7 +21,7 @@ def grid_file(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"model": {"name": "resnet20", "norm": "bn"},
                                                         "data": {"dataset": "cifar10"},
                                                         "train": {"batch_size": 128, "epochs": 1},
-                                                        "optim": {"lr": 0.1}}))
+                                                        "optim": {"lr": 0.1, "sched": "cosine"}}))
     grid = {"name": "t", "base": "base.yaml", "output_dir": str(tmp_path / "runs"),
             "grid": {"model.norm": ["bn", "bhn"], "train.batch_size": [128, 2]},
             "lr_scaling": {"reference_batch": 128}}
