@@ -157,7 +157,7 @@ def _lock_held(folder: Path) -> bool:
     """Whether another process holds the run's lock now (a probe: takes and drops it when free)."""
     lock = _claim(folder)
     if lock is None:
-        return (folder / LOCK_NAME).exists()
+        return True
     _release(lock, folder)
     return False
 
