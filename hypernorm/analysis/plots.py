@@ -17,8 +17,17 @@ __all__ = ["plot_curves", "plot_batch_size"]
 
 NORM_COLORS = {"bn": "tab:blue", "bhn": "tab:red", "gn": "tab:green", "ghn": "tab:orange", "sn": "tab:purple"}
 LINE_STYLES = ("-", ":", "-.", (0, (5, 1)))
-# Error against batch size: lr follows the batch under the linear scaling rule, so it does not split a line.
-BATCH_AXIS_KEYS = ("train.batch_size", "optim.lr")
+
+
+def _batch_axis_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The keys a line of error against batch size runs along: the batch, and the lr too where it follows the
+    batch (the linear scaling rule: one lr per batch and line); runs of several lrs at one batch stay apart."""
+    along = ("train.batch_size", "optim.lr")
+    lrs: dict[tuple, set] = {}
+    for row in rows:
+        config = row.get("config", {})
+        lrs.setdefault((row["norm"], row["batch"], setting_key(config, along)), set()).add(config.get("optim.lr"))
+    return along if all(len(values) == 1 for values in lrs.values()) else along[:1]
 
 
 def _color(norm: str) -> str:
@@ -77,7 +86,7 @@ def plot_batch_size(rows: list[dict[str, Any]], path: str | Path, model: str, me
     if not selected:
         raise ValueError(f"no finished runs for model {model!r}")
     per_norm: dict[str, int] = {}
-    for norm, label, runs in _lines(selected, drop=BATCH_AXIS_KEYS):
+    for norm, label, runs in _lines(selected, drop=_batch_axis_keys(selected)):
         style = LINE_STYLES[per_norm.setdefault(norm, 0) % len(LINE_STYLES)]
         per_norm[norm] += 1
         batches = sorted({r["batch"] for r in runs})

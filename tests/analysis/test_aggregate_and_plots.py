@@ -124,3 +124,18 @@ def test_plot_for_unknown_model_is_a_clear_error(runs, tmp_path):
 def test_groups_sorted_largest_batch_first_base_norm_first(runs):
     order = [(e["batch"], e["norm"]) for e in summarize(collect_runs(runs).rows)]
     assert order == [(128, "bn"), (128, "bhn"), (2, "bn"), (2, "bhn")]
+
+
+def test_batch_figure_follows_scaled_lr_but_keeps_an_lr_sweep_apart(tmp_path):
+    for batch, lr in ((128, 0.1), (8, 0.00625)):  # linear scaling rule: one line per norm
+        write_run(tmp_path / "scaled", f"bs{batch}", batch=batch, final=10.0 + batch / 128,
+                  config={"optim": {"lr": lr}})
+    fig = plot_batch_size(collect_runs(tmp_path / "scaled").rows, tmp_path / "scaled.png", "resnet20")
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["BN"]
+    for batch in (128, 8):  # an lr sweep at each batch: one line per lr, never a mean over lrs
+        for lr in (0.1, 0.01):
+            write_run(tmp_path / "sweep", f"bs{batch}_lr{lr}", batch=batch, final=100 * lr,
+                      config={"optim": {"lr": lr}})
+    fig = plot_batch_size(collect_runs(tmp_path / "sweep").rows, tmp_path / "sweep.png", "resnet20")
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
+    assert lines == {"BN, optim.lr=0.01": [1.0, 1.0], "BN, optim.lr=0.1": [10.0, 10.0]}
