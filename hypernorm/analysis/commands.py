@@ -77,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--workers", default="auto", metavar="N|auto",
                      help="runs trained at once, each in its own process with one torch thread unless "
                           "train.threads is set, its output in the run folder's train.log (default auto: the "
-                          "usable cores; 1: one run after the other in this process, torch's thread count)")
+                          "usable cores, or 1 when the runs train on a GPU; 1: one run after the other in this process, "
+                          "torch's thread count)")
     exp.add_argument("--output-dir", default=None, help="folder for the run folders (default: the grid's)")
     exp.set_defaults(func=_experiment)
     rep = subparsers.add_parser("report", help="tables (mean ± std over seeds) and figures from run folders")

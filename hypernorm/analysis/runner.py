@@ -271,10 +271,11 @@ def _worker(planned: PlannedRun, train_fn: TrainFn, conn: multiprocessing.connec
     conn.close()
 
 
-def usable_workers(workers: int | str) -> int:
-    """``auto``: the cores this process may use; otherwise a positive int."""
+def usable_workers(workers: int | str, on_gpu: bool = False) -> int:
+    """``auto``: the cores this process may use (1 when the runs train on a GPU, which they would share);
+    otherwise a positive int."""
     if workers == "auto":
-        return len(os.sched_getaffinity(0))
+        return 1 if on_gpu else len(os.sched_getaffinity(0))
     try:
         count = int(workers)
     except (TypeError, ValueError):
@@ -282,6 +283,17 @@ def usable_workers(workers: int | str) -> int:
     if count < 1:
         raise ValueError(f"--workers must be a positive integer or 'auto', got {workers!r}")
     return count
+
+
+def _on_gpu(todo: list[PlannedRun]) -> bool:
+    devices = {p.config["train"]["device"] for p in todo}
+    if devices <= {"cpu"}:
+        return False
+    if "cuda" in devices:
+        return True
+    import torch  # train.device=auto: CUDA when available
+
+    return torch.cuda.is_available()
 
 
 def _with_one_thread(planned: PlannedRun) -> PlannedRun:
@@ -355,7 +367,7 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
     todo = [p for p in planned if p.state == "to run"]
     order = {p.run.name: i for i, p in enumerate(planned)}
     failed: list[tuple[int, str]] = []
-    workers = min(usable_workers(workers), max(1, len(todo)))
+    workers = min(usable_workers(workers, on_gpu=workers == "auto" and _on_gpu(todo)), max(1, len(todo)))
     with tqdm(total=len(todo), desc=grid["name"], unit="run", disable=not todo) as bar:
         if workers == 1:
             outcomes = ((p, *_train_claimed(p, train_fn)) for p in todo)

@@ -235,6 +235,7 @@ def test_workers_auto_is_the_usable_cores():
     from hypernorm.analysis.runner import usable_workers
 
     assert usable_workers("auto") == len(os.sched_getaffinity(0))
+    assert usable_workers("auto", on_gpu=True) == 1 and usable_workers("2", on_gpu=True) == 2
     assert usable_workers("3") == 3
     with pytest.raises(ValueError, match="--workers"):
         usable_workers("many")
