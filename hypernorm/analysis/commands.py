@@ -46,7 +46,7 @@ def _experiment(args: argparse.Namespace) -> int:
     grid = load_grid(args.config, args.overrides, args.output_dir)
     result = run_grid(grid, dry_run=args.dry_run, workers=args.workers)
     if args.dry_run:
-        return 1 if any(p.state == "conflict" for p in result.planned) else 0
+        return 1 if any(p.state in ("conflict", "failed") for p in result.planned) else 0
     try:
         report(grid["output_dir"])
     except ValueError as err:  # nothing finished yet: the failures below say why
@@ -73,7 +73,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("-c", "--config", required=True, help="grid YAML file (see configs/experiments/)")
     exp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied to every run")
     exp.add_argument("--dry-run", action="store_true",
-                     help="list each run as done, to run, running (another process) or conflict, and stop")
+                     help="list each run as done, to run, running (another process), failed or conflict, and "
+                          "stop (exit code 1 if any run failed or conflicts)")
     exp.add_argument("--workers", default="auto", metavar="N|auto",
                      help="runs trained at once, each in its own process with one torch thread unless "
                           "train.threads is set, its output in the run folder's train.log (default auto: the "

@@ -13,13 +13,15 @@ A grid file::
     lr_scaling: {reference_batch: 128}        # optional: lr *= batch / reference_batch (linear scaling rule)
 
 Each run folder gets ``run.json`` (its grid coordinates) beside what the training engine writes, and
-``error.txt`` (one line) when its last attempt failed.
+``error.txt`` (one line) when its last attempt failed. A run the engine recorded as failed (``status: failed``
+in its summary, e.g. diverged) is not run again, as the engine would refuse it: it stays a failure of the grid
+until its folder is deleted. Other failures (an exception the engine did not record) are tried again.
 
 A finished run counts only for the exact resolved config that made it. Before anything is trained, every run's
 resolved config is compared with the ``config.yaml`` in its folder (all keys but those that may differ on
 resume: where data lives, workers, device, threads, output folder); if any differ, the whole grid is refused
 with a message naming the differing keys: give the new config its own ``--output-dir``, or delete the old
-folders. ``--dry-run`` lists each run as done, to run, running (in another process) or conflicting.
+folders. ``--dry-run`` lists each run as done, to run, running (in another process), failed or conflicting.
 
 Runs that are not done (never started, interrupted, failed) are trained; an interrupted one resumes from its
 checkpoint. A failing run does not stop the grid: it is recorded and reported, one line each. Several
@@ -69,7 +71,7 @@ class Run:
 class PlannedRun:
     run: Run
     config: dict[str, Any]  # resolved: defaults filled in, validated, lr scaled
-    state: str  # done | to run | running | conflict
+    state: str  # done | to run | running | failed (recorded by the engine; not run again) | conflict
     detail: str = ""
     differing: list[str] = field(default_factory=list)  # config keys that differ from the folder's run
 
@@ -181,9 +183,11 @@ def _plan(run: Run, config: dict[str, Any], probe_locks: bool) -> PlannedRun:
         return PlannedRun(run, config, "conflict", "finished, but without config.yaml: its config is unknown")
     if state.status == "done":
         return PlannedRun(run, config, "done")
+    if state.summary.get("status") == "failed":  # recorded by the engine (e.g. diverged): the same config fails again
+        return PlannedRun(run, config, "failed", f"{state.reason} (delete {folder} to run it again)")
     if probe_locks and folder.is_dir() and _lock_held(folder):
         return PlannedRun(run, config, "running", "held by another process")
-    detail = {"failed": f"failed before ({state.reason}); retried", "running": f"resumes ({state.reason})"}
+    detail = {"failed": f"failed before ({state.reason}); tried again", "running": f"resumes ({state.reason})"}
     return PlannedRun(run, config, "to run", detail.get(state.status, ""))
 
 
@@ -348,7 +352,8 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
     if train_fn is None:
         from ..engine import train as train_fn
     planned = plan_grid(grid, probe_locks=dry_run)
-    counts = {state: sum(p.state == state for p in planned) for state in ("done", "to run", "running", "conflict")}
+    counts = {state: sum(p.state == state for p in planned)
+              for state in ("done", "to run", "running", "failed", "conflict")}
     print(f"experiment {grid['name']}: {len(planned)} runs, " + ", ".join(f"{n} {s}" for s, n in counts.items() if n
                                                                           or s in ("done", "to run")))
     result = GridResult(planned)
@@ -366,7 +371,7 @@ def run_grid(grid: dict, train_fn: TrainFn | None = None, dry_run: bool = False,
             f"--output-dir, or delete those folders to start over")
     todo = [p for p in planned if p.state == "to run"]
     order = {p.run.name: i for i, p in enumerate(planned)}
-    failed: list[tuple[int, str]] = []
+    failed = [(order[p.run.name], f"{p.run.name}: {p.detail}") for p in planned if p.state == "failed"]
     workers = min(usable_workers(workers, on_gpu=workers == "auto" and _on_gpu(todo)), max(1, len(todo)))
     with tqdm(total=len(todo), desc=grid["name"], unit="run", disable=not todo) as bar:
         if workers == 1:

@@ -152,11 +152,16 @@ def test_failed_run_others_still_run_report_written_exit_code_1(grid_file, journ
     assert table.count("| cifar10 |") == 2 and "Not in the table (2 run(s))" in table
     assert "normbhn_batch_size2: failed: FloatingPointError" in table
     assert "FloatingPointError" in (Path(runs) / "normbhn_batch_size2" / "error.txt").read_text()
-    # a rerun retries the failed runs only
+    # a rerun tries the unrecorded failure again; the run the engine recorded as failed stays failed
     monkeypatch.setattr(hypernorm.engine, "train", FakeTrain(journal))
-    assert main(["experiment", "-c", str(grid_file)]) == 0
-    assert sorted(line["run"] for line in journal_lines(journal)[4:]) == ["normbhn_batch_size2", "normbn_batch_size2"]
+    assert main(["experiment", "-c", str(grid_file), "--dry-run"]) == 1
+    assert "failed   normbn_batch_size2: non-finite test loss in epoch 1 (delete" in capsys.readouterr().out
+    assert main(["experiment", "-c", str(grid_file)]) == 1
+    assert [line["run"] for line in journal_lines(journal)[4:]] == ["normbhn_batch_size2"]
     assert not (Path(runs) / "normbhn_batch_size2" / "error.txt").exists()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hypernorm")]
+    assert err[0].startswith("hypernorm experiment: run failed: normbn_batch_size2: non-finite test loss")
+    assert err[1:] == ["hypernorm experiment: 1 of 4 run(s) failed"]
 
 
 def test_bad_grid_files(tmp_path, capsys):
