@@ -1,5 +1,5 @@
 """The layers: trimmed meta LSTM, stage relay, HyperNorm, norm factory and model conversion."""
-from .convert import convert, find_stages
+from .convert import ConversionPlan, StagePlan, convert, explain, find_stages
 from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name
 from .hypernorm import HyperNorm, StageRelay, share_relay
 from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
@@ -8,7 +8,9 @@ from .switchable import SwitchableNorm2d  # registers "sn" (and so "shn")
 
 __all__ = [
     "BottleneckMLP",
+    "ConversionPlan",
     "HyperNorm",
+    "StagePlan",
     "StageRelay",
     "SwitchableNorm2d",
     "TrimmedLSTMCell",
@@ -16,6 +18,7 @@ __all__ = [
     "convert",
     "create_base_norm",
     "create_norm_layer",
+    "explain",
     "find_stages",
     "get_norm_layer",
     "is_norm",
