@@ -306,9 +306,10 @@ def convert(
             layer = HyperNorm(norm_width(old), _standardizer(old, base), reduction, name=qualified)
             layer.channels_last = normalizes_last_dim(old)
             parent_name, _, attr = qualified.rpartition(".")
-            act = getattr(old, "act", None)  # timm's norm-act layers: HN replaces the affine, the activation stays
-            replacement = layer if not isinstance(act, nn.Module) else \
-                nn.Sequential(layer, getattr(old, "drop", nn.Identity()), act)
+            # timm's norm-act layers (BatchNormAct2d): HN replaces the affine, the dropout and activation stay
+            after = [m for m in (getattr(old, "drop", None), getattr(old, "act", None))
+                     if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+            replacement = nn.Sequential(layer, *after) if after else layer
             setattr(model.get_submodule(parent_name), attr, replacement)
             layers.append(layer)
         share_relay(layers)
