@@ -44,8 +44,10 @@ class NestedStages(nn.Module):
 
 
 def small_vit_torchvision(num_classes=10):
-    return torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2,
-                                                hidden_dim=16, mlp_dim=32, num_classes=num_classes)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=3, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # zero-initialized: no gradient would pass the head
+    return model
 
 
 def small_vit_timm(num_classes=10):
