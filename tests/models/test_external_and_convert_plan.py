@@ -68,3 +68,15 @@ def test_family_table_row_and_writer(tmp_path):
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="no '<!-- convert-table: start -->'"):
         write_table(tmp_path / "bare.md", [row])
+
+
+def test_training_command_takes_a_torchvision_model_in_bhn(tmp_path, monkeypatch, capsys):
+    from tests.data.cifar_fixture import patch_checksums, write_official
+    root = tmp_path / "data"
+    patch_checksums(monkeypatch, "cifar10", write_official(root, "cifar10", n_train=32, n_test=16))
+    code = main(["train", "--quiet", "model.name=torchvision/mobilenet_v3_small", "model.norm=bhn",
+                 "data.dataset=cifar10", f"data.root={root}", "data.workers=0", "data.download=false",
+                 "train.epochs=1", "train.batch_size=8", "train.device=cpu", "train.threads=1",
+                 f"output.dir={tmp_path / 'run'}"])
+    assert code == 0
+    assert "torchvision/mobilenet_v3_small / bhn on cifar10" in capsys.readouterr().out
