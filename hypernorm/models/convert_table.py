@@ -16,8 +16,9 @@ from .external import convert_defaults, create_external_model
 
 __all__ = ["FAMILIES", "FamilyRow", "family_rows", "markdown_table", "write_table"]
 
-# (model, constructor arguments, input size): small inputs keep the check fast; the ViTs are built for them
-FAMILIES: list[tuple[str, dict[str, Any], int]] = [
+# (model, constructor arguments, input size[, convert arguments]): small inputs keep the check fast, the ViTs
+# are built for them; without convert arguments, norm="hn" and the family's defaults (convert_defaults)
+FAMILIES: list[tuple] = [
     ("torchvision/resnet50", {}, 32),
     ("torchvision/resnext50_32x4d", {}, 32),
     ("torchvision/mobilenet_v2", {}, 32),
@@ -26,7 +27,9 @@ FAMILIES: list[tuple[str, dict[str, Any], int]] = [
     ("torchvision/regnet_y_400mf", {}, 32),
     ("torchvision/convnext_tiny", {}, 32),
     ("torchvision/densenet121", {}, 32),
+    ("torchvision/densenet121", {}, 32, {"norm": "hn", "norm_index": 0}),  # its first norms grow: refused
     ("torchvision/vit_b_16", {"image_size": 32}, 32),
+    ("torchvision/vit_b_16", {"image_size": 32}, 32, {"norm": "bhn"}),  # BN cannot serve tokens: refused
     ("torchvision/swin_t", {}, 32),
     ("torchvision/shufflenet_v2_x1_0", {}, 32),
     ("timm/resnet50", {}, 32),
@@ -42,7 +45,7 @@ TABLE_START, TABLE_END = "<!-- convert-table: start -->", "<!-- convert-table: e
 @dataclass
 class FamilyRow:
     model: str
-    options: dict[str, Any]
+    options: dict[str, Any]  # convert()'s arguments, norm included
     refused: str  # the reason, or "" when converted
     stages: int = 0
     hn_layers: int = 0
@@ -56,16 +59,17 @@ def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def family_row(name: str, kwargs: dict[str, Any], size: int, num_classes: int = 10) -> FamilyRow:
+def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, Any] | None = None,
+               num_classes: int = 10) -> FamilyRow:
     torch.manual_seed(0)
-    options = convert_defaults(name)
+    options = {"norm": "hn", **convert_defaults(name)} if options is None else options
     model = create_external_model(name, "bn", num_classes, **kwargs)
     before = _n_params(model)
     try:
-        plan = explain(model, "hn", **options)
+        plan = explain(model, **options)
     except ValueError as err:
-        return FamilyRow(name, options, str(err), params_before=before)
-    convert(model, "hn", **options)
+        return FamilyRow(name, options, str(err).removeprefix("convert(): "), params_before=before)
+    convert(model, **options)
     model.train()
     x = torch.randn(3, 3, size, size)
     model(x).sum().backward()  # a training step runs; it also moves the running statistics
@@ -77,14 +81,14 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, num_classes: int = 
 
 
 def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
-    return [family_row(name, kwargs, size) for name, kwargs, size in FAMILIES if names is None or name in names]
+    return [family_row(*family) for family in FAMILIES if names is None or family[0] in names]
 
 
 def markdown_table(rows: list[FamilyRow]) -> str:
-    lines = ["| model | options | result | stages | HN layers | blocks left out | params before | params after "
+    lines = ["| model | convert arguments | result | stages | HN layers | blocks left out | params before | params after "
              "| eval batch-independent |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        options = ", ".join(f"{k}={v!r}" for k, v in r.options.items()) or "-"
+        options = ", ".join(f"{k}={v!r}" for k, v in r.options.items())
         if r.refused:
             lines.append(f"| {r.model} | {options} | refused: {r.refused} | | | | {r.params_before:,} | | |")
             continue

@@ -64,7 +64,7 @@ def test_family_table_row_and_writer(tmp_path):
     write_table(doc, [row])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert markdown_table([row]) in text and "| torchvision/mobilenet_v3_small | norm_index=-1 | converted | 4 |" in text
+    assert markdown_table([row]) in text and "| torchvision/mobilenet_v3_small | norm='hn', norm_index=-1 | converted | 4 |" in text
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="no '<!-- convert-table: start -->'"):
         write_table(tmp_path / "bare.md", [row])
