@@ -104,7 +104,8 @@ def _discover(module: nn.Module, prefix: str, norm_index: int | str, skip: Calla
               stages: list[tuple[str, list[str]]], skipped: list[tuple[str, str]]) -> bool:
     """Append the stages inside ``module`` (bottom-up) to ``stages`` and the blocks left out to ``skipped``;
     True if it holds any stage. What is left out inside a block is not reported: the block is the unit."""
-    found_inside, candidates = False, []  # (child name, child, chosen norm width), or None where a run breaks
+    # (child name, child, chosen norm width, len(stages) then), or None where a run breaks
+    found_inside, candidates = False, []
     for name, child in module.named_children():
         qualified = _join(prefix, name)
         if is_norm(child) or isinstance(child, HyperNorm):
@@ -125,15 +126,17 @@ def _discover(module: nn.Module, prefix: str, norm_index: int | str, skip: Calla
             continue  # left out; the run goes on past it
         try:
             _, chosen = _pick_norm(child, norm_index, qualified)
-            candidates.append((name, child, norm_width(chosen)))
+            candidates.append((name, child, norm_width(chosen), len(stages)))
         except ValueError as err:
             skipped.append((qualified, str(err).removeprefix("convert(): ")))
             candidates.append(None)
-    run: list[tuple[str, nn.Module, int]] = []
+    run: list[tuple[str, nn.Module, int, int]] = []
+    inserted = 0  # stages are listed in the model's order: a run goes before the stages of later siblings
     for candidate in candidates + [None]:
         if run and (candidate is None or type(candidate[1]) is not type(run[0][1]) or candidate[2] != run[0][2]):
             if len(run) >= 2:
-                stages.append((prefix, [name for name, _, _ in run]))
+                stages.insert(run[0][3] + inserted, (prefix, [name for name, *_ in run]))
+                inserted += 1
                 found_inside = True
             else:
                 skipped.append((_join(prefix, run[0][0]), f"its chosen norm's width {run[0][2]} is not shared by a "

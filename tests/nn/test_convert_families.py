@@ -218,3 +218,9 @@ def test_compile_matches_eager_without_graph_breaks(builder, size):
     expected = reference(x)
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
     torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stages_at_several_depths_listed_in_model_order():
+    from hypernorm.nn import find_stages
+    model = nn.Sequential(Block(4), Block(4), nn.Sequential(Block(8), Block(8)), Block(4), Block(4))
+    assert find_stages(model) == ["(model)[0..1]", "2", "(model)[3..4]"]
