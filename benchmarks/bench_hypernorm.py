@@ -31,7 +31,7 @@ import torchvision
 from torch import nn
 
 import hypernorm
-from hypernorm.nn import HyperNorm
+from hypernorm.nn import set_fused
 
 # (model, input size, batch sizes) of the issue: ResNet-50 at 224 and ResNet-164 at 32.
 CONFIGS = {"resnet50": (224, (32, 8)), "resnet164": (32, (128, 8))}
@@ -48,12 +48,6 @@ def build(model_name: str, norm: str) -> nn.Module:
             hypernorm.convert(model, "hn")  # keeps each replaced norm's type: BN -> BHN, GN -> GHN
         return model
     return hypernorm.create_model(model_name, norm)
-
-
-def set_fused(model: nn.Module, fused: bool) -> None:
-    for module in model.modules():
-        if isinstance(module, HyperNorm):
-            module.fused = fused
 
 
 @dataclass

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..engine.checkpoint import save_checkpoint
 from ..engine.distributed import setup_distributed
-from ..engine.sync_batchnorm import use_cpu_sync_batchnorm
+from ..nn import use_cpu_sync_batchnorm
 from .data import CocoDetection, collate, detection_transforms
 from .evaluate import evaluate, format_table
 from .model import create_detector

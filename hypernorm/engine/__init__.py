@@ -1,12 +1,10 @@
 """Training and evaluation of classifiers: ``train(config)``, ``evaluate_checkpoint(path)``, DDP, checkpoints."""
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistEnv, setup_distributed
-from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 from .trainer import BEST_NOTE, METRIC_FIELDS, evaluate, evaluate_checkpoint, lr_factor, train
 
 __all__ = [
     "BEST_NOTE",
-    "CPUSyncBatchNorm",
     "DistEnv",
     "METRIC_FIELDS",
     "evaluate",
@@ -16,5 +14,4 @@ __all__ = [
     "save_checkpoint",
     "setup_distributed",
     "train",
-    "use_cpu_sync_batchnorm",
 ]

@@ -31,9 +31,9 @@ from tqdm import tqdm
 from ..config import DEFAULT_CONFIG, dump_config, flatten, merge_config, validate_config
 from ..data import Normalize, build_dataset
 from ..models import create_model
+from ..nn import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier, setup_distributed
-from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "build_optimizer", "build_scheduler", "lr_factor",
            "METRIC_FIELDS", "BEST_NOTE"]

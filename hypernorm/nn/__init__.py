@@ -1,13 +1,16 @@
 """The layers: trimmed meta LSTM, stage relay, HyperNorm, norm factory and model conversion."""
 from .convert import ConversionPlan, StagePlan, convert, explain, find_stages
 from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name
-from .hypernorm import HyperNorm, StageRelay, share_relay
+from .hypernorm import HyperNorm, StageRelay, set_fused, share_relay
 from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
-from .norms import base_norm_names, create_base_norm, is_norm, register_norm, standardizer_like
+from .norms import base_norm_names, create_base_norm, is_norm, register_norm, register_norm_type, standardizer_like
+from .replace import copy_norm_state, replace_module
 from .switchable import SwitchableNorm2d  # registers "sn" (and so "shn")
+from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 
 __all__ = [
     "BottleneckMLP",
+    "CPUSyncBatchNorm",
     "ConversionPlan",
     "HyperNorm",
     "StagePlan",
@@ -16,6 +19,7 @@ __all__ = [
     "TrimmedLSTMCell",
     "base_norm_names",
     "convert",
+    "copy_norm_state",
     "create_base_norm",
     "create_norm_layer",
     "explain",
@@ -24,7 +28,11 @@ __all__ = [
     "is_norm",
     "norm_names",
     "register_norm",
+    "register_norm_type",
+    "replace_module",
+    "set_fused",
     "share_relay",
     "split_norm_name",
     "standardizer_like",
+    "use_cpu_sync_batchnorm",
 ]

@@ -23,6 +23,7 @@ from .factory import split_norm_name
 from .hypernorm import HyperNorm, share_relay
 from .meta_lstm import TrimmedLSTMCell
 from .norms import create_base_norm, is_norm, norm_width, normalizes_last_dim, standardizer_like
+from .replace import copy_norm_state, replace_module
 
 __all__ = ["convert", "explain", "find_stages", "ConversionPlan", "StagePlan"]
 
@@ -187,7 +188,7 @@ def _standardizer(old: nn.Module, base: str | None) -> nn.Module:
     new = create_base_norm(base, norm_width(old), affine=False)
     if isinstance(new, nn.modules.batchnorm._BatchNorm) and isinstance(old, nn.modules.batchnorm._BatchNorm) \
             and old.track_running_stats and new.track_running_stats:
-        new.load_state_dict({k: v for k, v in old.state_dict().items() if k not in ("weight", "bias")})
+        return copy_norm_state(old, new)
     new.train(old.training)
     return new
 
@@ -308,12 +309,11 @@ def convert(
             old = model.get_submodule(qualified)
             layer = HyperNorm(norm_width(old), _standardizer(old, base), reduction, name=qualified)
             layer.channels_last = normalizes_last_dim(old)
-            parent_name, _, attr = qualified.rpartition(".")
             # timm's norm-act layers (BatchNormAct2d): HN replaces the affine, the dropout and activation stay
             after = [m for m in (getattr(old, "drop", None), getattr(old, "act", None))
                      if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
             replacement = nn.Sequential(layer, *after) if after else layer
-            setattr(model.get_submodule(parent_name), attr, replacement)
+            replace_module(model, qualified, replacement)
             layers.append(layer)
         share_relay(layers)
     return model

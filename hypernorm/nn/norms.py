@@ -8,8 +8,12 @@ from typing import Callable
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
 
+from .replace import copy_norm_state
+from .sync_batchnorm import CPUSyncBatchNorm
+
 __all__ = [
     "register_norm",
+    "register_norm_type",
     "create_base_norm",
     "base_norm_names",
     "is_norm",
@@ -43,6 +47,13 @@ def register_norm(
     _TYPES[name] = cls
     if strip_affine is not None:
         _STRIP_AFFINE[cls] = strip_affine
+
+
+def register_norm_type(cls: type[nn.Module], strip_affine: Callable[[nn.Module], nn.Module]) -> None:
+    """Make a norm class known to :func:`is_norm` and :func:`standardizer_like` without a name of its own
+    (for example a drop-in implementation of a registered norm)."""
+    _TYPES[cls.__name__] = cls
+    _STRIP_AFFINE[cls] = strip_affine
 
 
 def base_norm_names() -> list[str]:
@@ -96,15 +107,11 @@ def gn_groups(num_features: int, max_groups: int = 32) -> int:
 def _strip_norm_base(norm: nn.modules.batchnorm._NormBase) -> nn.Module:
     kwargs = dict(eps=norm.eps, momentum=norm.momentum, affine=False,
                   track_running_stats=norm.track_running_stats)
-    if isinstance(norm, nn.SyncBatchNorm):
+    if hasattr(norm, "process_group"):  # SyncBatchNorm, CPUSyncBatchNorm
         kwargs["process_group"] = norm.process_group
     # the registered class, not a subclass such as timm's BatchNormAct2d (whose activation convert() keeps)
     cls = next(c for c in type(norm).__mro__ if c in _STRIP_AFFINE)
-    stripped = cls(norm.num_features, **kwargs)
-    if norm.track_running_stats:
-        stripped.load_state_dict({k: v for k, v in norm.state_dict().items() if k not in ("weight", "bias")})
-    stripped.train(norm.training)
-    return stripped
+    return copy_norm_state(norm, cls(norm.num_features, **kwargs))
 
 
 def _strip_groupnorm(norm: nn.GroupNorm) -> nn.Module:
@@ -122,6 +129,8 @@ def _strip_layernorm(norm: nn.LayerNorm) -> nn.Module:
 
 register_norm("bn", nn.BatchNorm2d, lambda c, affine: nn.BatchNorm2d(c, affine=affine), _strip_norm_base)
 register_norm("syncbn", nn.SyncBatchNorm, lambda c, affine: nn.SyncBatchNorm(c, affine=affine), _strip_norm_base)
+# What engine/detection swap "syncbn" for in CPU process groups (hypernorm.nn.use_cpu_sync_batchnorm).
+register_norm_type(CPUSyncBatchNorm, _strip_norm_base)
 register_norm("gn", nn.GroupNorm, lambda c, affine: nn.GroupNorm(gn_groups(c), c, affine=affine), _strip_groupnorm)
 # Layer norm over (C, H, W) for feature maps is GroupNorm with one group.
 register_norm("ln", nn.GroupNorm, lambda c, affine: nn.GroupNorm(1, c, affine=affine))

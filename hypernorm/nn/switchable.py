@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .norms import register_norm
+from .replace import copy_norm_state
 
 __all__ = ["SwitchableNorm2d"]
 
@@ -82,10 +83,7 @@ class SwitchableNorm2d(nn.Module):
 def _strip_switchable(norm: SwitchableNorm2d) -> SwitchableNorm2d:
     """An affine-free copy keeping the learned mixture and the moving averages (for ``convert(norm="hn")``)."""
     copy = SwitchableNorm2d(norm.num_features, eps=norm.eps, momentum=norm.momentum, affine=False)
-    copy.load_state_dict({k: v for k, v in norm.state_dict().items() if k not in ("weight", "bias")})
-    copy.to(norm.mean_weight.device)
-    copy.train(norm.training)
-    return copy
+    return copy_norm_state(norm, copy.to(norm.mean_weight.device))
 
 
 register_norm("sn", SwitchableNorm2d, lambda c, affine: SwitchableNorm2d(c, affine=affine), _strip_switchable)

@@ -9,7 +9,7 @@ import torch
 
 from hypernorm.config import load_config
 from hypernorm.engine import load_checkpoint, train
-from hypernorm.engine.sync_batchnorm import CPUSyncBatchNorm
+from hypernorm.nn import CPUSyncBatchNorm
 from tests.data.cifar_fixture import write_npz
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert, share_relay
-from hypernorm.nn import hypernorm as hypernorm_module
+from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert, set_fused, share_relay
+from hypernorm.nn import fused as fused_kernels
 
 from ..conftest import TinyNet
 
@@ -19,15 +19,8 @@ def eager_path(request, monkeypatch):
     """Eager training picks the one-pass path for large feature maps and the native norm kernel (with the
     two-GEMM LSTM) for small ones; the size limit is moved so that both are tested on small tensors."""
     limit = 0 if request.param == "one-pass" else 1 << 40
-    monkeypatch.setattr(hypernorm_module, "SMALL_EAGER_TRAINING_NUMEL", limit)
+    monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL", limit)
     return request.param
-
-
-def set_fused(model: nn.Module, fused: bool) -> nn.Module:
-    for module in model.modules():
-        if isinstance(module, HyperNorm):
-            module.fused = fused
-    return model
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .replace import copy_norm_state, replace_module
+
 __all__ = ["CPUSyncBatchNorm", "use_cpu_sync_batchnorm"]
 
 
@@ -76,8 +78,5 @@ def use_cpu_sync_batchnorm(model: nn.Module) -> nn.Module:
             continue
         new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                module.track_running_stats, module.process_group)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+        replace_module(model, name, copy_norm_state(module, new, affine=True))
     return model

@@ -1,0 +1,206 @@
+"""HyperNorm's fused kernels (the standardizer's statistics and the per-sample affine in two passes over x)
+and the shifted standardization that keeps every path accurate in float32.
+
+The moments are taken of d = x - s, with s an estimate of the mean read from x itself (:func:`_shift`; BN in
+eval: its running mean). Shifting keeps E[d^2] - E[d]^2 free of cancellation when the mean is large against
+the standard deviation, and y = d * scale + bias then never subtracts two large numbers either: float32 stays
+within 1e-4 of float64 (relative to the largest value) up to mean/std = 1e4 (tests/nn/test_numerics.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .sync_batchnorm import CPUSyncBatchNorm
+
+__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL"]
+
+# Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
+# over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
+SMALL_EAGER_TRAINING_NUMEL = 1 << 18
+
+# Below this mean/std the norms' float32 kernels lose nothing to cancellation (an error of about
+# (mean/std)^2 float32 roundings), and standardize() leaves their input as it is.
+FAR_MEAN_OVER_STD = 8.0
+
+
+def small_eager_training(x: torch.Tensor) -> bool:
+    return x.numel() < SMALL_EAGER_TRAINING_NUMEL and eager_autograd(x)
+
+
+def can_fuse(norm: nn.Module) -> bool:
+    """Standardizers whose statistics :func:`fused_standardize_affine` reproduces (subclasses may change them)."""
+    kind = type(norm)
+    if kind is nn.BatchNorm2d:
+        return True
+    if kind in (nn.SyncBatchNorm, CPUSyncBatchNorm):  # training reduces across processes; eval is a BatchNorm
+        return not norm.training and norm.track_running_stats
+    if kind is nn.GroupNorm:
+        return True
+    if kind is nn.InstanceNorm2d:
+        return not norm.track_running_stats
+    return False
+
+
+def eager_autograd(x: torch.Tensor) -> bool:
+    """Whether eager autograd will record x's graph: then the hand-written backwards below save passes.
+    A compiled graph fuses the plain ops by itself."""
+    return x.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
+    """y = h * norm(x) + c with (h, c) = lstm_step(GAP(x)): one pass for the statistics (the per-sample
+    means are the GAP), one for y = (x - s) * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
+    N, C, H, W = x.shape
+    eval_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
+    shift = norm.running_mean.to(x.dtype)[None, :] if eval_bn else _shift(norm, x)
+    d = x - shift[:, :, None, None]
+    autograd = eager_autograd(x)
+    m, square = _SampleMoments.apply(d) if autograd else _sample_moments(d)
+    u = m + shift  # GAP(x), the LSTM input
+    if eval_bn:
+        offset, invstd = m.new_zeros(()), torch.rsqrt(norm.running_var + norm.eps)
+    else:
+        offset, invstd = _offset_invstd(norm, m, square, shift, H * W)
+    h, c = lstm_step(u)
+    scale = h * invstd
+    bias = torch.addcmul(c, offset, scale, value=-1)
+    if scale.dtype != x.dtype:  # autocast: y in x's dtype, as the norm gives
+        scale, bias = scale.to(x.dtype), bias.to(x.dtype)
+    if autograd:
+        return _Affine.apply(d, scale, bias)
+    # mul then add_: on CPU a broadcasting addcmul is several times slower than the two; in place on d
+    # only when no graph keeps d for a backward
+    y = torch.mul(d, scale[:, :, None, None]) if torch.is_grad_enabled() else d.mul_(scale[:, :, None, None])
+    return y.add_(bias[:, :, None, None])
+
+
+def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) through the standardizer's own kernel, with x shifted by a value read from x that the output
+    does not depend on (per channel for BN in training, per sample and group for GN, per sample and channel
+    for IN): the kernels' float32 statistics lose precision when the mean is large against the spread."""
+    kind = type(norm)
+    if kind is nn.BatchNorm2d and norm.training and x.shape[0] * x.shape[2] * x.shape[3] > 1:
+        shift = _shift(norm, x, only_if_far=True)[:, :, None, None]
+        if not norm.track_running_stats:
+            return norm(x - shift)
+        # what BatchNorm2d.forward does, with the running mean tracked in the shifted frame
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            running_mean = norm.running_mean - shift.flatten().to(norm.running_mean.dtype)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        y = F.batch_norm(x - shift, running_mean, norm.running_var, None, None, True, factor, norm.eps)
+        with torch.no_grad():
+            norm.running_mean.copy_(running_mean + shift.flatten())
+        return y
+    if kind is nn.GroupNorm or (kind is nn.InstanceNorm2d and not norm.track_running_stats):
+        return norm(x - _shift(norm, x, only_if_far=True)[:, :, None, None])
+    return norm(x)
+
+
+def _shift(norm: nn.Module, x: torch.Tensor, only_if_far: bool = False) -> torch.Tensor:
+    """A cheap estimate of the standardizer's mean, constant where its statistics are taken: the mean of the
+    first row of every feature map, per channel (BN, (1, C)), per sample and group (GN) or per sample and
+    channel (IN, (N, C)). Any value near the mean serves; a row is steadier than a single element.
+
+    ``only_if_far``: zero where every row's mean is within FAR_MEAN_OVER_STD of its spread, where the
+    kernels' own statistics are exact to float32 rounding already and an unshifted input keeps their results."""
+    with torch.no_grad():
+        rows = x[:, :, 0, :].float()
+        mean = rows.mean(dim=2)
+        far = mean.abs() > FAR_MEAN_OVER_STD * rows.std(dim=2, correction=0) if only_if_far else None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            mean = mean.mean(dim=0, keepdim=True)
+            far = far.any(dim=0, keepdim=True) if only_if_far else None
+        elif isinstance(norm, nn.GroupNorm):
+            N, C = mean.shape
+            G = norm.num_groups
+            mean = _per_channel(mean.view(N, G, C // G).mean(dim=2), C)
+            far = _per_channel(far.view(N, G, C // G).any(dim=2), C) if only_if_far else None
+        if only_if_far:
+            mean = torch.where(far, mean, 0.0)
+        return mean.to(x.dtype)
+
+
+def _offset_invstd(norm: nn.Module, m: torch.Tensor, square: torch.Tensor, shift: torch.Tensor,
+                   hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu - s, 1/sigma) of the standardizer from the shifted per-(sample, channel) moments, each (N, C) or (C,).
+    Batch norms in training update their running statistics here, as F.batch_norm does."""
+    N, C = m.shape
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if N * hw == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {(N, C, hw)}")
+        offset = m.mean(0)
+        var = (square.mean(0) - offset * offset).clamp_min(0)  # clamp: rounding may leave a tiny negative
+        if norm.training and norm.track_running_stats:
+            _update_running_stats(norm, shift[0] + offset, var, N * hw)
+        return offset, torch.rsqrt(var + norm.eps)
+    if isinstance(norm, nn.GroupNorm):
+        G = norm.num_groups
+        offset = m.view(N, G, C // G).mean(2)
+        var = (square.view(N, G, C // G).mean(2) - offset * offset).clamp_min(0)
+        return _per_channel(offset, C), _per_channel(torch.rsqrt(var + norm.eps), C)
+    return m, torch.rsqrt((square - m * m).clamp_min(0) + norm.eps)  # instance norm
+
+
+def _sample_moments(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square over (H, W) of every (sample, channel), each (N, C)."""
+    return d.mean(dim=(2, 3)), _sum_of_products(d, d) / (d.shape[2] * d.shape[3])
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over (H, W) of a * b, (N, C), without materializing a * b where the layout allows."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.linalg.vecdot(a.flatten(2), b.flatten(2))
+    return (a * b).sum(dim=(2, 3))  # e.g. channels-last: flatten(2) would copy both
+
+
+class _SampleMoments(torch.autograd.Function):
+    """:func:`_sample_moments` with a one-pass backward: dd = dm / HW + d * 2 dq / HW."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(d)
+        return _sample_moments(d)
+
+    @staticmethod
+    def backward(ctx, grad_mean: torch.Tensor | None, grad_square: torch.Tensor | None) -> torch.Tensor:
+        (d,) = ctx.saved_tensors
+        count = d.shape[2] * d.shape[3]
+        grad = (grad_mean / count)[:, :, None, None] if grad_mean is not None else d.new_zeros(())
+        if grad_square is None:
+            return grad.expand_as(d).clone(memory_format=torch.preserve_format)
+        return torch.mul(d, (grad_square * (2 / count))[:, :, None, None]).add_(grad)
+
+
+class _Affine(torch.autograd.Function):
+    """y = d * scale + bias with per-(sample, channel) scale and bias; the backward reads the gradient
+    and d once each instead of materializing grad * d."""
+
+    @staticmethod
+    def forward(ctx, d: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d, scale)
+        return torch.mul(d, scale[:, :, None, None]).add_(bias[:, :, None, None])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, scale = ctx.saved_tensors
+        return grad * scale[:, :, None, None], _sum_of_products(grad, d), grad.sum(dim=(2, 3))
+
+
+def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:
+    """(N, G) group values -> (N, C), each group's value repeated over its channels."""
+    N, G = t.shape
+    return t[:, :, None].expand(N, G, channels // G).reshape(N, channels)
+
+
+def _update_running_stats(norm: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                          count: int) -> None:
+    """What F.batch_norm does to the buffers in training: unbiased variance, (cumulative) momentum."""
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        # a tensor, not float(): a compiled graph would break on reading the counter
+        momentum = 1.0 / norm.num_batches_tracked if norm.momentum is None else norm.momentum
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), momentum)
+        norm.running_var.lerp_((var * (count / (count - 1))).to(norm.running_var.dtype), momentum)
