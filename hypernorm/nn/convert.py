@@ -307,8 +307,8 @@ def convert(
         layers = []
         for qualified in stage.norms:
             old = model.get_submodule(qualified)
-            layer = HyperNorm(norm_width(old), _standardizer(old, base), reduction, name=qualified)
-            layer.channels_last = normalizes_last_dim(old)
+            layer = HyperNorm(norm_width(old), _standardizer(old, base), reduction, name=qualified,
+                              channels_last=normalizes_last_dim(old))
             # timm's norm-act layers (BatchNormAct2d): HN replaces the affine, the dropout and activation stay
             after = [m for m in (getattr(old, "drop", None), getattr(old, "act", None))
                      if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]

@@ -224,3 +224,16 @@ def test_stages_at_several_depths_listed_in_model_order():
     from hypernorm.nn import find_stages
     model = nn.Sequential(Block(4), Block(4), nn.Sequential(Block(8), Block(8)), Block(4), Block(4))
     assert find_stages(model) == ["(model)[0..1]", "2", "(model)[3..4]"]
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (3, 4, 4, 8)], ids=["tokens", "channels_last_map"])
+def test_channels_last_layer_is_the_papers_formula_over_the_last_dim(shape):
+    layer = HyperNorm(8, nn.LayerNorm(8, elementwise_affine=False), channels_last=True)
+    x = torch.randn(shape)
+    h, c = layer.relay.cell.forward_reference(x.mean(dim=tuple(range(1, x.dim() - 1))))  # GAP over tokens/H, W
+    view = (shape[0],) + (1,) * (len(shape) - 2) + (8,)
+    expected = h.view(view) * nn.functional.layer_norm(x, (8,)) + c.view(view)
+    # the fused LSTM GEMMs against the equations: float32 rounding of two 8-wide matmuls
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, \.\.\., 8\), got \(3, 8, 5\)"):
+        layer(torch.randn(3, 8, 5))
