@@ -3,7 +3,7 @@ built with random weights, converted with ``norm="hn"`` and checked for batch in
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ class FamilyRow:
     model: str
     options: dict[str, Any]  # convert()'s arguments, norm included
     refused: str  # the reason, or "" when converted
-    stages: int = 0
+    stages: list[str] = field(default_factory=list)  # their names, as the plan prints them
     hn_layers: int = 0
     skipped: int = 0
     params_before: int = 0
@@ -76,7 +76,7 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, 
     model.eval()
     with torch.no_grad():
         independent = torch.allclose(model(x)[1:2], model(x[1:2]), rtol=1e-4, atol=1e-5)
-    return FamilyRow(name, options, "", len(plan.stages), plan.hn_layers, len(plan.skipped), before,
+    return FamilyRow(name, options, "", [stage.name for stage in plan.stages], plan.hn_layers, len(plan.skipped), before,
                      _n_params(model), independent)
 
 
@@ -85,15 +85,15 @@ def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
 
 
 def markdown_table(rows: list[FamilyRow]) -> str:
-    lines = ["| model | convert arguments | result | stages | HN layers | blocks left out | params before | params after "
-             "| eval batch-independent |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | convert arguments | result | stages found | HN layers | blocks left out | params before | params after "
+             "| eval batch-independent |", "|---|---|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         options = ", ".join(f"{k}={v!r}" for k, v in r.options.items())
         if r.refused:
             lines.append(f"| {r.model} | {options} | refused: {r.refused} | | | | {r.params_before:,} | | |")
             continue
         check = {True: "yes", False: "NO", None: "-"}[r.batch_independent]
-        lines.append(f"| {r.model} | {options} | converted | {r.stages} | {r.hn_layers} | {r.skipped} | "
+        lines.append(f"| {r.model} | {options} | converted | {len(r.stages)}: {', '.join(r.stages)} | {r.hn_layers} | {r.skipped} | "
                      f"{r.params_before:,} | {r.params_after:,} | {check} |")
     return "\n".join(lines)
 

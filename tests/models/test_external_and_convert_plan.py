@@ -57,14 +57,15 @@ def test_convert_plan_errors_are_one_line(argv, message, capsys):
 
 def test_family_table_row_and_writer(tmp_path):
     row = family_row("torchvision/mobilenet_v3_small", {}, 32)
-    assert (row.refused, row.stages, row.hn_layers, row.skipped, row.batch_independent) == ("", 4, 10, 1, True)
+    assert (row.refused, row.hn_layers, row.skipped, row.batch_independent) == ("", 10, 1, True)
+    assert row.stages == ["features[2..3]", "features[4..6]", "features[7..8]", "features[9..11]"]
     assert row.params_after - row.params_before == 34_904  # the plan's count, as the CLI test prints it
     doc = tmp_path / "convert.md"
     doc.write_text(f"intro\n{TABLE_START}\nold\n{TABLE_END}\noutro\n")
     write_table(doc, [row])
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
-    assert markdown_table([row]) in text and "| torchvision/mobilenet_v3_small | norm='hn', norm_index=-1 | converted | 4 |" in text
+    assert markdown_table([row]) in text and "| torchvision/mobilenet_v3_small | norm='hn', norm_index=-1 | converted | 4: features[2..3], " in text
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(ValueError, match="no '<!-- convert-table: start -->'"):
         write_table(tmp_path / "bare.md", [row])
