@@ -115,12 +115,13 @@ def check_optim(flat: dict[str, Any], epochs: int) -> None:
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Check every value a type check alone cannot (choices, ranges, nulls); returns ``config``."""
     from ..models import list_models
+    from ..models.external import is_external
     from ..nn import norm_names
 
     flat = flatten(config)
     check_common(flat)
-    expect("model.name", flat["model.name"], flat["model.name"] in list_models(),
-           f"one of {', '.join(list_models())}")
+    expect("model.name", flat["model.name"], flat["model.name"] in list_models() or is_external(flat["model.name"]),
+           f"one of {', '.join(list_models())}, or timm/<name> or torchvision/<name>")
     expect("model.norm", flat["model.norm"], flat["model.norm"] in norm_names(), f"one of {', '.join(norm_names())}")
     classes = flat["model.num_classes"]
     expect("model.num_classes", classes, classes is None or (_is_int(classes) and classes >= 2),
