@@ -5,7 +5,7 @@ from typing import Callable, Sequence
 
 from torch import nn
 
-from .factory import split_norm_name
+from .factory import split_norm_name, split_relay
 from .hypernorm import HyperNorm, share_relay
 from .norms import create_base_norm, is_norm, standardizer_like
 from .replace import copy_norm_state, replace_module
@@ -78,7 +78,8 @@ def convert(
 
     Args:
         norm: "hn" keeps each replaced norm's own type (BN -> BHN, GN -> GHN, running statistics kept);
-            a HyperNorm name ("bhn", "syncbhn", "ghn", ...) sets the standardizer.
+            a HyperNorm name ("bhn", "syncbhn", "ghn", ...) sets the standardizer; with "_norelay" ("bhn_norelay")
+            every block's LSTM step starts from zero state (the no-relay ablation, same parameters).
         stages: qualified names of the stage containers; found by :func:`find_stages` when omitted.
         norm_index: which norm of a block: its position among the block's norms (0 = first, -1 = last)
             or its name inside the block (e.g. "bn2").
@@ -105,7 +106,8 @@ def convert(
     for stage_picks in plan:
         layers = []
         for block, norm_name, qualified, old in stage_picks:
-            layer = HyperNorm(_width(old), _standardizer(old, base), reduction, name=qualified)
+            layer = HyperNorm(_width(old), _standardizer(old, base), reduction, name=qualified,
+                              relayed=split_relay(norm)[1])
             replace_module(block, norm_name, layer)
             layers.append(layer)
         share_relay(layers)
