@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from .aggregate import collect_runs, write_tables
+from .diagnostics import write_relay_figures
 from .plots import plot_batch_size, plot_curves
 from .runner import load_grid, run_grid
 
@@ -21,6 +22,7 @@ def report(root: str | Path, out_dir: str | Path | None = None) -> str:
         plot_curves(rows, out_dir / f"curves_{model}_bs{batches[-1]}.png", model, batches[-1])
         if len(batches) > 1:
             plot_batch_size(rows, out_dir / f"error_vs_batch_{model}.png", model)
+    write_relay_figures(root, out_dir)
     table = paths["table.md"].read_text()
     print(table)
     print(f"tables and figures in {out_dir}")

@@ -9,7 +9,8 @@ from matplotlib.figure import Figure  # no pyplot: works headless, whatever the 
 
 __all__ = ["plot_curves", "plot_batch_size"]
 
-NORM_COLORS = {"bn": "tab:blue", "bhn": "tab:red", "gn": "tab:green", "ghn": "tab:orange", "sn": "tab:purple"}
+NORM_COLORS = {"bn": "tab:blue", "bhn": "tab:red", "gn": "tab:green", "ghn": "tab:orange", "sn": "tab:purple",
+               "bhn_norelay": "tab:brown"}
 
 
 def _color(norm: str) -> str:
@@ -17,8 +18,8 @@ def _color(norm: str) -> str:
 
 
 def _norms(rows: list[dict[str, Any]]) -> list[str]:
-    """The norms present, each base norm before its HyperNorm form."""
-    return sorted({r["norm"] for r in rows}, key=lambda n: (n.endswith("hn"), n))
+    """The norms present, each base norm before its HyperNorm form and that before its no-relay ablation."""
+    return sorted({r["norm"] for r in rows}, key=lambda n: (n.split("_")[0].endswith("hn"), "_" in n, n))
 
 
 def _finish(fig: Figure, ax, path: str | Path, **labels: str) -> Figure:
