@@ -23,6 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from ..nn.diagnostics import read_relay_csv
+from .plots import norm_order
 
 __all__ = ["find_relay_runs", "plot_relay", "write_relay_figures"]
 
@@ -123,11 +124,6 @@ def _block_axis(ax, positions: list[tuple[int, int]]) -> None:
     ax.grid(alpha=0.3)
 
 
-def _order(norm: str) -> tuple:
-    """Base norms first, then HyperNorm, then its ablations."""
-    return ("_" in norm, norm.split("_")[0].endswith("hn"), norm)
-
-
 def write_relay_figures(root: str | Path, out_dir: str | Path) -> list[Path]:
     """``relay_<run>.png`` per run folder with a relay.csv below ``root``, and ``relay_<model>_bs<batch>.png``
     per model and batch size with a column per norm (mean over its runs); returns the paths written."""
@@ -148,7 +144,7 @@ def write_relay_figures(root: str | Path, out_dir: str | Path) -> list[Path]:
         if len(members) < 2:
             continue
         groups = {norm: [r["rows"] for r in members if r["norm"] == norm]
-                  for norm in sorted({r["norm"] for r in members}, key=_order)}
+                  for norm in sorted({r["norm"] for r in members}, key=lambda n: (norm_order(n), n))}
         path = out_dir / f"relay_{model}_bs{batch}.png"
         plot_relay(groups, path, f"relay diagnostics: {model}, batch {batch}, mean over runs")
         written.append(path)
