@@ -21,9 +21,10 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ..nn.diagnostics import read_relay_csv
-from .plots import norm_order
+from .aggregate import norm_order
 
 __all__ = ["find_relay_runs", "plot_relay", "write_relay_figures"]
 
@@ -89,12 +90,21 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
             _block_axis(ax, positions)
             ax.legend(loc="best", fontsize=8)
         runs_n = len(groups[label])
-        axes[0, col].set_title(f"{label.upper()} ({runs_n} run{'s' if runs_n > 1 else ''})")
+        axes[0, col].set_title(f"{_display(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
         _spread_panel(axes[2, col], means, positions, source)
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2, :].ravel().tolist(), label="epoch", shrink=0.8)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2, :].ravel().tolist(), label="epoch",
+                       shrink=0.8)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return fig
+
+
+def _display(norm: str) -> str:
+    """"bhn_norelay" -> "BHN, no relay"; "bn" -> "BN"."""
+    stem, _, ablation = norm.partition("_")
+    return stem.upper() + (", no relay" if ablation == "norelay" else f"_{ablation}" if ablation else "")
 
 
 def _spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], source: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: works headless, whatever the backend
 
-from .aggregate import setting_key, varying_keys
+from .aggregate import norm_order, setting_key, varying_keys
 
 __all__ = ["plot_curves", "plot_batch_size"]
 
@@ -29,11 +29,6 @@ def _batch_axis_keys(rows: list[dict[str, Any]]) -> tuple[str, ...]:
         config = row.get("config", {})
         lrs.setdefault((row["norm"], row["batch"], setting_key(config, along)), set()).add(config.get("optim.lr"))
     return along if all(len(values) == 1 for values in lrs.values()) else along[:1]
-
-
-def norm_order(norm: str) -> tuple[bool, bool]:
-    """Sort key: a base norm, then its HyperNorm form, then the no-relay ablation ("bhn_norelay")."""
-    return norm.split("_")[0].endswith("hn"), "_" in norm
 
 
 def _color(norm: str) -> str:

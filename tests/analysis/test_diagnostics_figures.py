@@ -57,7 +57,7 @@ def test_grid_figure_has_a_column_per_norm_base_first_and_labelled_axes(runs, tm
     groups = {norm: [r["rows"] for r in found if r["norm"] == norm] for norm in ("bn", "bhn", "bhn_norelay")}
     fig = plot_relay(groups, tmp_path / "relay.png", "title")
     axes = fig.axes[:9]  # 3 rows x 3 columns, then the colour bar
-    assert [ax.get_title() for ax in axes[:3]] == ["BN (2 runs)", "BHN (2 runs)", "BHN_NORELAY (2 runs)"]
+    assert [ax.get_title() for ax in axes[:3]] == ["BN (2 runs)", "BHN (2 runs)", "BHN, no relay (2 runs)"]
     assert axes[0].get_ylabel() == "γ (BN weight)" and axes[1].get_ylabel() == "h (HyperNorm scale)"
     assert axes[3].get_ylabel() == "β (BN bias)" and axes[4].get_ylabel() == "c (HyperNorm shift)"
     assert "(test)" in axes[7].get_ylabel()  # the spread at the end is read on the test set
