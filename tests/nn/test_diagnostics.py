@@ -135,3 +135,45 @@ def test_csv_replaces_the_epochs_a_resumed_run_repeats(tmp_path):
     rows = read_relay_csv(path)
     assert [r["epoch"] for r in rows] == [1] * 4 + [2] * 4
     assert rows[0]["h_mean"] == pytest.approx(1.0) and rows[0]["stage"] == 0 and rows[5]["block"] == 1
+
+
+@pytest.fixture
+def cifar_root(tmp_path, monkeypatch):
+    from tests.data.cifar_fixture import patch_checksums, write_official
+
+    root = tmp_path / "data"
+    patch_checksums(monkeypatch, "cifar10", write_official(root, "cifar10", n_train=64, n_test=32))
+    return root
+
+
+def test_trainer_writes_relay_rows_per_epoch_and_a_resume_does_not_repeat_them(cifar_root, tmp_path, monkeypatch):
+    from hypernorm.engine import train
+    from hypernorm.engine.loop import _Fit
+    from tests.data.cifar_fixture import tiny_config
+
+    out = tmp_path / "bhn"
+    options = dict(model={"norm": "bhn_norelay"}, train={"epochs": 3, "eval_every": 2})
+    real_save = _Fit._save
+
+    def die_before_saving_epoch_2(self, epoch, status):
+        if epoch == 2:  # relay.csv has epoch 2's rows, the checkpoint is epoch 1's: the resume repeats epoch 2
+            raise KeyboardInterrupt
+        real_save(self, epoch, status)
+
+    monkeypatch.setattr(_Fit, "_save", die_before_saving_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(cifar_root, out, **options), quiet=True)
+    monkeypatch.setattr(_Fit, "_save", real_save)
+    train(tiny_config(cifar_root, out, **options), quiet=True)
+    rows = read_relay_csv(out / "relay.csv")
+    # 64 images, batch 16: 4 steps of 16 per epoch; the test set (32) after epochs 2 and 3 (the last)
+    assert [(r["epoch"], r["phase"]) for r in rows[::9]] == [(1, "train"), (2, "train"), (2, "test"), (3, "train"),
+                                                            (3, "test")]
+    assert {r["samples"] for r in rows} == {"64", "32"} and len(rows) == 5 * 9
+    assert rows[0]["layer"] == "layer1.0.bn1" and rows[8]["layer"] == "layer3.2.bn1" and rows[8]["stage"] == 2
+
+    train(tiny_config(cifar_root, tmp_path / "bn"), quiet=True)
+    rows = read_relay_csv(tmp_path / "bn" / "relay.csv")
+    assert [(r["source"], r["phase"]) for r in rows] == [("affine", "train")] * 9
+    train(tiny_config(cifar_root, tmp_path / "off", train={"relay_diagnostics": False}), quiet=True)
+    assert not (tmp_path / "off" / "relay.csv").exists()
