@@ -153,11 +153,6 @@ class RelayRecorder:
             return relay_rows(self.model, epoch=epoch, phase=phase)
         return affine_rows(self.model, self.positions, epoch=epoch, phase=phase) if phase == "train" else []
 
-    def reset(self) -> None:
-        """Drop what was recorded since the last read (e.g. samples of a step that is not counted)."""
-        if self.hypernorm:
-            track_relay(self.model)
-
 
 def write_relay_csv(path: str | Path, rows: list[dict[str, Any]],
                     write: Callable[[Path, str], None] | None = None) -> None:
