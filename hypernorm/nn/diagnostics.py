@@ -173,11 +173,17 @@ def write_relay_csv(path: str | Path, rows: list[dict[str, Any]],
 def read_relay_csv(path: str | Path, numeric: bool = True) -> list[dict[str, Any]]:
     """The rows of a relay CSV; ``numeric``: statistics as floats, epoch/stage/block as ints."""
     with Path(path).open() as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = [key for key in RELAY_FIELDS if key not in (reader.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a relay diagnostics file: no column {', '.join(missing)}")
     if numeric:
-        for row in rows:
-            for key in ("epoch", "stage", "block"):
-                row[key] = int(row[key])
-            for key in STAT_FIELDS:
-                row[key] = float(row[key])
+        for line, row in enumerate(rows, start=2):
+            try:
+                row.update({key: int(row[key]) for key in ("epoch", "stage", "block")})
+                row.update({key: float(row[key]) for key in STAT_FIELDS})
+            except (TypeError, ValueError):
+                raise ValueError(f"{str(path)!r} line {line}: expected numbers in epoch, stage, block and the "
+                                 f"statistics") from None
     return rows

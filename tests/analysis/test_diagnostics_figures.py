@@ -80,3 +80,12 @@ def test_no_relay_files_no_figures(tmp_path):
 def test_empty_group_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="at least one run"):
         plot_relay({"bhn": []}, tmp_path / "x.png", "t")
+
+
+@pytest.mark.parametrize("text, message", [("epoch,layer\n1,a\n", "not a relay diagnostics file: no column phase"),
+                                           (None, "line 2: expected numbers")])
+def test_broken_relay_file_is_a_one_line_error_naming_it(runs, text, message):
+    path = runs / "bhn_s0" / "relay.csv"
+    path.write_text(text if text is not None else path.read_text().replace(",0,0,", ",x,0,", 1))
+    with pytest.raises(ValueError, match=message):
+        report(runs)
