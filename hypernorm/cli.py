@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.complexity",
     "hypernorm.engine.cli",
     "hypernorm.detection.cli",
+    "hypernorm.models.cli",
 ]
 
 

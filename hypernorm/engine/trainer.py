@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..config import merge_config
 from ..data import Normalize, build_dataset
 from ..models import create_model, model_info
+from ..models.external import convert_defaults, is_external
 from .checkpoint import load_checkpoint
 from .distributed import DistEnv, all_reduce_sum, process_group
 from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads, write_text
@@ -105,8 +106,12 @@ class Classification(Task):
             raise ValueError(f"config key 'model.num_classes' expects at least the {info.num_classes} classes of "
                              f"{info.name}, got {classes}")
         model = create_model(cfg["model"]["name"], cfg["model"]["norm"], classes or info.num_classes)
-        self.relay = RelayRecorder(model, model_info(cfg["model"]["name"]).convert_options) \
-            if tcfg["relay_diagnostics"] else None
+        if tcfg["relay_diagnostics"]:
+            name = cfg["model"]["name"]
+            self.relay = RelayRecorder(model, convert_defaults(name) if is_external(name) else
+                                       model_info(name).convert_options)
+        else:
+            self.relay = None
         if cfg["model"]["sync_bn"] and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if env.device.type == "cpu" and env.distributed:

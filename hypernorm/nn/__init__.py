@@ -1,5 +1,5 @@
 """The layers: trimmed meta LSTM, stage relay, HyperNorm, norm factory and model conversion."""
-from .convert import convert, find_stages
+from .convert import ConversionPlan, StagePlan, convert, explain, find_stages
 from .diagnostics import RelayRecorder, affine_rows, relay_rows, track_relay
 from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name, split_relay
 from .hypernorm import HyperNorm, StageRelay, set_fused, share_relay
@@ -12,8 +12,10 @@ from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 __all__ = [
     "BottleneckMLP",
     "CPUSyncBatchNorm",
+    "ConversionPlan",
     "HyperNorm",
     "RelayRecorder",
+    "StagePlan",
     "StageRelay",
     "SwitchableNorm2d",
     "TrimmedLSTMCell",
@@ -23,6 +25,7 @@ __all__ = [
     "copy_norm_state",
     "create_base_norm",
     "create_norm_layer",
+    "explain",
     "find_stages",
     "get_norm_layer",
     "is_norm",

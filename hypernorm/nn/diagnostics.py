@@ -15,7 +15,6 @@ Every statistic is a population one (divided by the count) over the samples seen
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .convert import convert
+from .convert import explain
 from .hypernorm import HyperNorm
 
 __all__ = ["RelayStats", "track_relay", "relay_rows", "affine_positions", "affine_rows", "RelayRecorder",
@@ -108,11 +107,11 @@ def relay_rows(model: nn.Module, reset: bool = True, **columns: Any) -> list[dic
 
 
 def affine_positions(model: nn.Module, **convert_options: Any) -> list[tuple[int, int, str]]:
-    """(stage, block, qualified name) of the norms ``convert(model, "bhn", **convert_options)`` would replace,
-    numbered as :func:`relay_rows` numbers the HyperNorms; ``model`` is left as it is."""
-    converted = convert(copy.deepcopy(model), "bhn", **convert_options)
-    layers = [(name, m) for name, m in converted.named_modules() if isinstance(m, HyperNorm)]
-    return [(stage, block, name) for stage, block, name, _ in _stage_block(layers)]
+    """(stage, block, qualified name) of the norms ``convert(model, "hn", **convert_options)`` would replace
+    (its plan, :func:`hypernorm.nn.explain`), numbered as :func:`relay_rows` numbers the HyperNorms."""
+    plan = explain(model, "hn", **convert_options)
+    return [(stage, block, name) for stage, plan_stage in enumerate(plan.stages)
+            for block, name in enumerate(plan_stage.norms)]
 
 
 @torch.no_grad()
@@ -144,9 +143,12 @@ class RelayRecorder:
             track_relay(model)
         else:
             try:
-                self.positions = affine_positions(model, **(convert_options or {}))
-            except ValueError:  # no stage HyperNorm could take: nothing to record
-                self.positions = []
+                positions = affine_positions(model, **(convert_options or {}))
+            except (ValueError, TypeError):  # no stage HyperNorm could take: nothing to record
+                positions = []
+            self.positions = [(stage, block, name) for stage, block, name in positions
+                              if getattr(model.get_submodule(name), "weight", None) is not None
+                              and getattr(model.get_submodule(name), "bias", None) is not None]
 
     def read(self, epoch: int, phase: str) -> list[dict[str, Any]]:
         if self.hypernorm:
