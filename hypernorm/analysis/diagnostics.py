@@ -92,6 +92,8 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
         runs_n = len(groups[label])
         axes[0, col].set_title(f"{_display(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
         _spread_panel(axes[2, col], means, positions, source)
+    heights = [patch.get_height() for ax in axes[2] for patch in ax.patches if np.isfinite(patch.get_height())]
+    axes[2, 0].set_ylim(0, 1.4 * max(heights + [1e-6]))  # room for the legend above the bars (shared by the row)
     bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2, :].ravel().tolist(), label="epoch",
                        shrink=0.8)
     bar.locator = MaxNLocator(integer=True)
