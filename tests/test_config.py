@@ -39,7 +39,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epochs=ten", "expects a int"),
+    ("train.epochs=ten", "expects an int"),
     ("train.amp=1", "expects a bool"),
     ("optim.sched=linear", "'optim.sched' expects one of step, cosine, got 'linear'"),
     ("optim.lr", "not of the form section.key=value"),
@@ -72,6 +72,11 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("train.seed=-1", "'train.seed' expects an int >= 0"),
     ("train.eval_every=0", "'train.eval_every' expects a positive int"),
     ("output.dir=''", "'output.dir' expects a folder path"),
+    # inf passes every range check written as a comparison: refused as a value, not found by a diverged run
+    ("optim.lr=inf", "'optim.lr' expects a finite float"),
+    ("optim.lr=.inf", "'optim.lr' expects a finite float"),
+    ("optim.weight_decay=.inf", "'optim.weight_decay' expects a finite float"),
+    ("optim.momentum=nan", "'optim.momentum' expects a finite float"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):

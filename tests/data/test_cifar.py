@@ -80,6 +80,27 @@ def test_corrupt_npz_is_a_clear_error(tmp_path):
         load_cifar("cifar10", tmp_path, train=True)
 
 
+@pytest.mark.parametrize("edit, message", [
+    # float labels were truncated to classes (3.7 -> 3) without a word
+    (lambda a: a.update(y_train=a["y_train"].astype(np.float32) + 0.5), "y_train must be N integer class labels"),
+    (lambda a: a.update(y_train=np.stack([a["y_train"]] * 2, 1)), "y_train must be N integer class labels"),
+    (lambda a: a.update(x_test=a["x_test"][:0], y_test=a["y_test"][:0]), "x_test holds no images"),
+])
+def test_npz_labels_and_empty_splits_are_clear_errors(tmp_path, edit, message):
+    arrays = write_npz(tmp_path)
+    edit(arrays)
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_cifar("cifar10", tmp_path, train="train" in message)
+
+
+def test_npz_label_column_is_read_as_labels(tmp_path):
+    arrays = write_npz(tmp_path)
+    np.savez(tmp_path / "cifar10.npz", **dict(arrays, y_train=arrays["y_train"][:, None]))  # (N, 1), as some copies
+    _, labels, _, _ = load_cifar("cifar10", tmp_path, train=True)
+    assert labels.tolist() == arrays["y_train"].tolist()
+
+
 def test_train_transform_is_padded_crop_and_flip_on_uint8():
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
