@@ -203,3 +203,16 @@ def test_configs_cover_every_table2_row_with_the_1x_schedule():
         assert cfg["output"]["dir"].endswith(name[:-len(".yaml")])
         pairs.add((backbone_norm, neck_norm))
     assert pairs == set(TABLE2_PAIRS)
+
+
+def test_backbone_weights_truncated_or_of_another_model_are_one_line(tiny_coco, tmp_path, capsys):
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"model": torch.nn.Conv2d(3, 16, 3).state_dict() | {"conv1.weight": torch.zeros(16, 3, 3, 3)}},
+               classifier)
+    (tmp_path / "cut.pt").write_bytes(classifier.read_bytes()[:200])
+    for weights, message in [(tmp_path / "cut.pt", "cut.pt' is corrupt, truncated or not a hypernorm checkpoint"),
+                             (classifier, "classifier.pt' does not fit this backbone (")]:
+        args = tiny_config_overrides(*tiny_coco, str(tmp_path / "run")) + [f"model.weights_backbone={weights}"]
+        assert cli.main(["detect-train", "--quiet"] + args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -171,3 +171,38 @@ def test_command_modules_import_no_torch_at_top_level(module):
     heavy = [name for name in imported if name.split(".")[0] in ("torch", "torchvision", "numpy", "pycocotools")
              or name.lstrip(".") in ("trainer", "loop", "engine", "data", "model", "evaluate", "models", "nn")]
     assert not heavy, heavy
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_one_line(cifar_root, tmp_path, capsys):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert main(["eval", str(tmp_path / "run"), "model.name=resnet56", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run' does not fit model.name=resnet56 model.norm=bn with 10 classes (" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_resume_of_a_checkpoint_lacking_entries_is_refused(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(cifar_root, out, train={"epochs": 2})
+    train(config, quiet=True)
+    state = load_checkpoint(out)
+    del state["optimizer"]
+    state.update(status="running", done=False, epoch=1)
+    save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match=r"checkpoint.pt' cannot be resumed: it lacks optimizer; delete it"):
+        train(config, quiet=True)
+
+
+def test_moved_run_folder_reports_its_new_place(cifar_root, tmp_path):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    summary = train(tiny_config(cifar_root, tmp_path / "moved"), quiet=True)  # finished: nothing trained
+    assert summary["run_dir"] == str(tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "summary.json").read_text())["run_dir"] == str(tmp_path / "moved")
+
+
+def test_output_dir_that_is_a_file_is_one_line(cifar_root, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["train", "--quiet", "data.dataset=cifar10", f"data.root={cifar_root}", "data.download=false",
+                 "train.device=cpu", "train.epochs=1", "optim.sched=cosine", f"output.dir={tmp_path / 'taken'}"]) == 2
+    assert "'output.dir' expects a folder, got " in capsys.readouterr().err
