@@ -64,6 +64,8 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("data.train_subset=0", "'data.train_subset' expects a positive int or null, got 0"),
     ("data.test_batch_size=1.5", "'data.test_batch_size' expects a positive int or null"),
     ("data.image_size=-3", "'data.image_size' expects a positive int or null"),
+    # CIFAR is always 32x32: a recorded 64 that was never used would split a report's groups for nothing
+    ("data.image_size=64", r"'data.image_size' expects null for data.dataset=cifar100 \(CIFAR images are 32x32\)"),
     ("data.workers=-1", "'data.workers' expects an int >= 0"),
     ("train.device=tpu", "'train.device' expects one of auto, cpu, cuda"),
     ("train.threads=0", "'train.threads' expects a positive int or null"),

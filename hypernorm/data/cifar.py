@@ -142,6 +142,9 @@ def _load_npz(path: Path, name: str, train: bool):
         raise ValueError(f"{path}: y_{split} must be N integer class labels, got {y.dtype} {y.shape}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"{path}: y_{split} labels must lie in 0..{num_classes - 1} for {_TITLE[name]}")
+    if classes is not None and len(classes) != num_classes:  # e.g. CIFAR-10 arrays saved as cifar100.npz
+        raise ValueError(f"{path}: class_names lists {len(classes)} classes, but {_TITLE[name]} has {num_classes}; "
+                         f"is it the npz of another data set?")
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(y.astype(np.int64))
     classes = classes or [str(i) for i in range(num_classes)]

@@ -94,6 +94,14 @@ def test_npz_labels_and_empty_splits_are_clear_errors(tmp_path, edit, message):
         load_cifar("cifar10", tmp_path, train="train" in message)
 
 
+def test_npz_of_another_data_set_is_refused(tmp_path):
+    arrays = write_npz(tmp_path)  # CIFAR-10's arrays: their labels 0..9 are valid CIFAR-100 labels too
+    (tmp_path / "cifar10.npz").rename(tmp_path / "cifar100.npz")
+    with pytest.raises(ValueError, match="cifar100.npz: class_names lists 10 classes, but CIFAR-100 has 100"):
+        load_cifar("cifar100", tmp_path, train=True)
+    assert len(arrays["class_names"]) == 10
+
+
 def test_npz_label_column_is_read_as_labels(tmp_path):
     arrays = write_npz(tmp_path)
     np.savez(tmp_path / "cifar10.npz", **dict(arrays, y_train=arrays["y_train"][:, None]))  # (N, 1), as some copies
