@@ -109,6 +109,8 @@ def test_command_rejects_unknown_names(capsys):
     assert "valid models: " in capsys.readouterr().err
     assert main(["complexity", "-n", "qhn"]) == 2
     assert "valid norms: " in capsys.readouterr().err
+    assert main(["complexity", "-m", "resnet20", "--num-classes", "0"]) == 2
+    assert "--num-classes expects a positive int, got 0" in capsys.readouterr().err
 
 
 def test_counts_the_reference_arithmetic_and_restores_the_fast_path():
