@@ -277,8 +277,9 @@ class _Fit:
         self.optimizer = build_optimizer(self.model, optim, self.task.base_lr(self.global_batch))
         self.scheduler = build_scheduler(self.optimizer, optim, self.iters, tcfg["epochs"])
         self.amp = tcfg["amp"] and env.device.type == "cuda"
-        if tcfg["amp"] and not self.amp:
-            self.log("train.amp is for CUDA; training in float32 on this CPU")
+        if tcfg["amp"] and not self.amp:  # would train in float32 under a config that says float16
+            raise ValueError(f"config key 'train.amp' expects false on {env.device.type} (float16 autocast is for "
+                             f"CUDA), got true")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.net: nn.Module = torch.compile(self.model) if tcfg.get("compile") else self.model
         self.train_net = self.net

@@ -206,3 +206,9 @@ def test_output_dir_that_is_a_file_is_one_line(cifar_root, tmp_path, capsys):
     assert main(["train", "--quiet", "data.dataset=cifar10", f"data.root={cifar_root}", "data.download=false",
                  "train.device=cpu", "train.epochs=1", "optim.sched=cosine", f"output.dir={tmp_path / 'taken'}"]) == 2
     assert "'output.dir' expects a folder, got " in capsys.readouterr().err
+
+
+def test_amp_on_cpu_is_refused_before_anything_is_written(cifar_root, tmp_path):
+    with pytest.raises(ValueError, match="'train.amp' expects false on cpu"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"amp": True}), quiet=True)
+    assert not (tmp_path / "run").exists()
