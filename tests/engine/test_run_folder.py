@@ -212,3 +212,12 @@ def test_amp_on_cpu_is_refused_before_anything_is_written(cifar_root, tmp_path):
     with pytest.raises(ValueError, match="'train.amp' expects false on cpu"):
         train(tiny_config(cifar_root, tmp_path / "run", train={"amp": True}), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_batch_larger_than_the_train_set_and_absent_cuda_are_one_line(cifar_root, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"fewer images per process than train.batch_size=100 x 1 process"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"batch_size": 100}), quiet=True)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device=cuda but no CUDA device is available"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"device": "cuda"}), quiet=True)
