@@ -216,3 +216,15 @@ def test_shipped_configs_load(path):
         config = load_config(path)
         assert config["output"]["dir"].startswith("runs/")
         assert config["model"]["norm"] in path.stem or path.stem.startswith("reduced")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n", "must hold a mapping of sections, got list"),
+    ("- [1, 2\n", "is not valid YAML"),
+    ("_base_: 5\n", "_base_ must be the path of another config .*got 5"),
+    ("optim: 5\n", r"config key 'optim' is a section; set its keys \(lr, "),
+])
+def test_bad_config_files_are_clear_errors(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=f"config file '.*c.yaml'.*{message}"):
+        load_config(tmp_path / "c.yaml")

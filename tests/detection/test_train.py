@@ -144,6 +144,15 @@ def test_cli_reports_bad_config_key(capsys):
     ("train.max_iters=0", "'train.max_iters' expects a positive int or null"),
     ("optim.milestones=[8, 12]", "'optim.milestones' expects epochs before the last (train.epochs=12)"),
     ("optim.lr_batch=0", "'optim.lr_batch' expects a positive int"),
+    ("optim.lr_batch=2.5", "'optim.lr_batch' expects an int"),
+    ("optim.lr=.inf", "'optim.lr' expects a finite float"),
+    ("optim.warmup_iters=-1", "'optim.warmup_iters' expects an int >= 0"),
+    ("model.neck_norm=frozenbn", "'model.neck_norm' expects one of none, bn,"),
+    ("model.num_classes=1", "'model.num_classes' expects an int >= 2 or null"),
+    ("model.min_size=0", "'model.min_size' expects a positive number of pixels"),
+    ("model.kwargs=5", "'model.kwargs' expects a dict"),
+    ("data.max_images=0", "'data.max_images' expects a positive int or null"),
+    ("train.device=gpu", "'train.device' expects one of auto, cpu, cuda"),
 ])
 def test_cli_bad_values_are_one_line_before_anything_is_written(override, message, tmp_path, capsys):
     assert cli.main(["detect-train", f"output.dir={tmp_path / 'run'}", override]) == 2
