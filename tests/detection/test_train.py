@@ -225,3 +225,12 @@ def test_backbone_weights_truncated_or_of_another_model_are_one_line(tiny_coco, 
         assert cli.main(["detect-train", "--quiet"] + args) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_num_classes_below_the_category_ids_is_one_line(tiny_coco, tmp_path, capsys):
+    args = tiny_config_overrides(*tiny_coco, str(tmp_path / "run")) + ["model.num_classes=3"]
+    assert cli.main(["detect-train", "--quiet"] + args) == 2
+    err = capsys.readouterr().err
+    assert "'model.num_classes' expects at least 4 (the largest category id of " in err
+    assert "annotations.json + 1), got 3" in err
+    assert not (tmp_path / "run").exists()
