@@ -221,3 +221,30 @@ def test_batch_larger_than_the_train_set_and_absent_cuda_are_one_line(cifar_root
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="train.device=cuda but no CUDA device is available"):
         train(tiny_config(cifar_root, tmp_path / "run", train={"device": "cuda"}), quiet=True)
+
+
+class NotAWeight:  # an arbitrary pickled object: weights_only loading must refuse it, not run its code
+    pass
+
+
+@pytest.mark.parametrize("content, eval_message, detect_message", [
+    (b"", "is corrupt, truncated or not a hypernorm checkpoint (EOFError)", "is corrupt, truncated"),
+    (torch.zeros(3), "is not a hypernorm checkpoint (no model/config entries)",
+     "is not a detector checkpoint (holds a Tensor)"),
+    (torch.nn.Linear(2, 2).state_dict(), "is not a hypernorm checkpoint (no model/config entries)",
+     "holds weights only; pass -c CONFIG"),
+    ({"model": NotAWeight(), "config": {}}, "is corrupt, truncated or not a hypernorm checkpoint (Weights only load",
+     "is corrupt, truncated or not a hypernorm checkpoint (Weights only load"),
+])
+def test_foreign_checkpoints_are_one_line_in_eval_and_detect_eval(tmp_path, capsys, content, eval_message,
+                                                                  detect_message):
+    path = tmp_path / "foreign.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    for argv, message in [(["eval", str(path), "--quiet"], eval_message),
+                          (["detect-eval", "--checkpoint", str(path)], detect_message)]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
