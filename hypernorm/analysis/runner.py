@@ -9,7 +9,7 @@ A grid file::
     grid:                                     # every combination is one run
       model.norm: [bn, bhn]
       train.batch_size: [128, 8, 2]
-      seed: [0, 1, 2]
+      train.seed: [0, 1, 2]
     lr_scaling: {reference_batch: 128}        # optional: lr *= batch / reference_batch (linear scaling rule)
 
 Each run folder gets ``run.json`` (its grid coordinates) beside what the training engine writes, and
