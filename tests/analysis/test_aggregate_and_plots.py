@@ -150,3 +150,12 @@ def test_torn_summary_and_missing_config_are_listed_not_tabled(tmp_path):
     assert table.count("| cifar10 |") == 1 and "| 10.000 |" in table
     assert "- torn: missing: summary.json unreadable (" in table
     assert "- orphan: done, but no config.yaml: the config that made it is unknown" in table
+
+
+def test_a_copied_run_is_not_another_seed(tmp_path):
+    write_run(tmp_path, "a", seed=0, final=10.0)
+    write_run(tmp_path, "b", seed=0, final=10.0)  # the same run copied: averaged, it made "2 seeds, std 0"
+    write_run(tmp_path, "c", seed=1, final=12.0)
+    table = report(tmp_path)
+    assert "| 11.000 ± 1.414 |" in table and table.count("| cifar10 |") == 1
+    assert "- b: same config and seed (0) as a: a copy, not another seed" in table
