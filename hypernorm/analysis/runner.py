@@ -40,7 +40,7 @@ import multiprocessing.connection
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -130,6 +130,11 @@ def expand_grid(grid: dict) -> list[Run]:
         folder = Path(grid["output_dir"]) / name
         overrides = list(grid["overrides"]) + [f"{k}={v}" for k, v in coords.items()] + [f"output.dir={folder}"]
         runs.append(Run(name, folder, coords, overrides))
+    counts = Counter(r.name for r in runs)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:  # two runs in one folder: the second would find the first's result and count it as its own
+        raise ValueError(f"experiment grid {grid['name']!r} gives {len(runs)} runs but only {len(counts)} "
+                         f"folder(s) (e.g. {repeated[0]} twice): a value repeats in 'grid'")
     return runs
 
 
