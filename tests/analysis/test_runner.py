@@ -123,7 +123,7 @@ def test_bad_value_in_any_run_is_an_error_before_anything_is_written(grid_file, 
     with pytest.raises(ValueError, match="train.batch_size"):
         run_grid(grid, FakeTrain(journal))
     grid["grid"] = {"model.norm": ["bn", "bhn", "bn"]}  # two runs in one folder
-    with pytest.raises(ValueError, match=r"gives 3 runs but only 2 folders \(e.g. normbn twice\)"):
+    with pytest.raises(ValueError, match=r"gives 3 runs but only 2 folder\(s\) \(e.g. normbn twice\)"):
         run_grid(grid, FakeTrain(journal))
     grid["grid"] = {"model.nrom": ["bn"]}  # a grid key that is no config key
     with pytest.raises(ValueError, match="unknown config key 'model.nrom'"):
