@@ -213,5 +213,7 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
                             num_workers=config["data"]["workers"])
         result = evaluate(model, loader, Normalize(info.mean, info.std).to(env.device), env.device, env,
                           config["train"]["amp"], config["train"]["channels_last"], progress)
-        return {"checkpoint": str(path), "epoch": state["epoch"], "dataset": info.name, "data_source": info.source,
+        status = state.get("status", "done" if state.get("done") else "running")
+        return {"checkpoint": str(path), "epoch": state["epoch"], "status": status, "reason": state.get("reason"),
+                "dataset": info.name, "data_source": info.source,
                 "model": config["model"]["name"], "norm": config["model"]["norm"], **result}

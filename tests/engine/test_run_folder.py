@@ -248,3 +248,15 @@ def test_foreign_checkpoints_are_one_line_in_eval_and_detect_eval(tmp_path, caps
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_of_an_unfinished_run_says_so(cifar_root, tmp_path, capsys):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "checkpoint of epoch 1 (32 test images)" in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "run")
+    state.update(status="failed", done=False, reason="non-finite train loss (nan) in epoch 2")
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 0
+    assert ("checkpoint of epoch 1, of a failed run (non-finite train loss (nan) in epoch 2) (32 test images)"
+            in capsys.readouterr().out)
