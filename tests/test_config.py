@@ -109,6 +109,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("optim.milestones=5", "'optim.milestones' expects a list"),
     ("optim.label_smoothing=nan", "'optim.label_smoothing' expects a finite float"),
     ("output.dir=5", "'output.dir' expects a str"),
+    ("optim.warmup_epochs=0.5", "'optim.warmup_epochs' expects an int"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):

@@ -65,6 +65,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path, state = read_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a hypernorm checkpoint (no model/config entries)")
+    if not isinstance(state["config"], dict) or not isinstance(state["config"].get("model"), dict):
+        # an empty config would silently mean the defaults: another model and data set than the weights'
+        raise ValueError(f"checkpoint {str(path)!r} holds no run config (no config.model section)")
     return state
 
 

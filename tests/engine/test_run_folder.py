@@ -127,7 +127,7 @@ def test_truncated_or_foreign_checkpoint_is_one_line(cifar_root, tmp_path, capsy
     assert main(["eval", str(tmp_path / "cut")]) == 2
     err = capsys.readouterr().err
     assert "is corrupt, truncated or not a hypernorm checkpoint" in err and len(err.strip().splitlines()) == 1
-    torch.save({"model": {}, "config": {}, "task": "detection"}, tmp_path / "det.pt")
+    torch.save({"model": {}, "config": {"model": {}}, "task": "detection"}, tmp_path / "det.pt")
     assert main(["eval", str(tmp_path / "det.pt")]) == 2
     assert "holds a detection run; evaluate it with hypernorm detect-eval" in capsys.readouterr().err
     # training into a folder whose checkpoint is truncated: refused, not started over
@@ -235,6 +235,7 @@ class NotAWeight:  # an arbitrary pickled object: weights_only loading must refu
      "holds weights only; pass -c CONFIG"),
     ({"model": NotAWeight(), "config": {}}, "is corrupt, truncated or not a hypernorm checkpoint (Weights only load",
      "is corrupt, truncated or not a hypernorm checkpoint (Weights only load"),
+    ({"model": {}, "config": {}}, "holds no run config (no config.model section)", "holds weights only; pass -c"),
 ])
 def test_foreign_checkpoints_are_one_line_in_eval_and_detect_eval(tmp_path, capsys, content, eval_message,
                                                                   detect_message):
@@ -260,3 +261,22 @@ def test_eval_of_an_unfinished_run_says_so(cifar_root, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 0
     assert ("checkpoint of epoch 1, of a failed run (non-finite train loss (nan) in epoch 2) (32 test images)"
             in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), torch.nn.Linear(2, 2).state_dict(),
+                                     {"model": NotAWeight(), "config": {}}, {"model": {}, "config": {}}])
+def test_training_into_a_folder_with_a_foreign_checkpoint_is_refused(cifar_root, tmp_path, content):
+    (tmp_path / "run").mkdir()
+    torch.save(content, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt' (is not a hypernorm|is corrupt|holds no run config)"):
+        train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]  # nothing written
+
+
+def test_a_run_folder_of_the_other_task_is_refused(cifar_root, tmp_path):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    state = load_checkpoint(tmp_path / "run")
+    state["task"] = "detection"
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match="checkpoint.pt' holds a detection run, not classification"):
+        train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
