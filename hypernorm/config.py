@@ -87,7 +87,7 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        kind = "a finite float" if isinstance(default, float) else f"a {type(default).__name__}".replace("a int", "an int")
+        kind = {"float": "a finite float", "int": "an int"}.get(type(default).__name__, f"a {type(default).__name__}")
         raise ValueError(f"config key {key!r} expects {kind} (like {default!r}), got {value!r}")
     return value
 

@@ -214,8 +214,8 @@ class _Fit:
         if status != "done":
             missing = [k for k in RESUME_ENTRIES if k not in state]
             if missing:
-                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} cannot be resumed: it lacks {', '.join(missing)}; "
-                                 f"delete it to start over")
+                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} cannot be resumed: it lacks "
+                                 f"{', '.join(missing)}; delete it to start over")
             self._check_size(state)
         elif not isinstance(state.get("summary"), dict):
             raise ValueError(f"checkpoint {str(self.ckpt_path)!r} is marked done but holds no summary; delete it to "

@@ -64,6 +64,11 @@ def test_cli_train_refuses_a_changed_rerun_and_evaluates(tiny_coco, tmp_path, ca
     table = capsys.readouterr().out.splitlines()
     assert table[-2].split() == ["Backbone", "Neck/Head", *METRICS]
     assert table[-1].split()[:2] == ["BHN", "GN"] and len(table[-1].split()) == 8
+    # the weights under another architecture: one line, no traceback
+    assert cli.main(["detect-eval", "--checkpoint", str(out / "checkpoint.pt"), "model.arch=resnet34"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt' does not fit the configured detector (pass the config it was trained with) (" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_killed_mid_epoch_resumes_bit_for_bit(tiny_coco, tmp_path, monkeypatch):
