@@ -11,6 +11,7 @@ A key whose default is an empty mapping (``{}``) takes any mapping, which replac
 from __future__ import annotations
 
 import copy
+import math
 import os
 import warnings
 from pathlib import Path
@@ -76,7 +77,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        # inf and nan pass every range check written as a comparison (inf > 0); no key means them
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         value = float(value) if ok else value
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -85,7 +87,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ValueError(f"config key {key!r} expects a {type(default).__name__} (like {default!r}), got {value!r}")
+        kind = {"float": "a finite float", "int": "an int"}.get(type(default).__name__, f"a {type(default).__name__}")
+        raise ValueError(f"config key {key!r} expects {kind} (like {default!r}), got {value!r}")
     return value
 
 

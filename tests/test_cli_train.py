@@ -26,7 +26,7 @@ def test_train_prints_labelled_result_table_and_eval_agrees(cifar_root, tmp_path
     assert "best epoch *" in printed and "lowest test top-1 error" in printed
     final_top1 = float(final.split()[2])
 
-    assert main(["eval", str(out), "--quiet"]) == 0
+    assert main(["eval", str(out), "--quiet", "data.workers=0"]) == 0  # key=value after an option too
     evaluated = capsys.readouterr().out
     assert f"top-1 err {final_top1:.2f}%" in evaluated and "(16 test images)" in evaluated
 

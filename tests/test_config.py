@@ -39,7 +39,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epochs=ten", "expects a int"),
+    ("train.epochs=ten", "expects an int"),
     ("train.amp=1", "expects a bool"),
     ("optim.sched=linear", "'optim.sched' expects one of step, cosine, got 'linear'"),
     ("optim.lr", "not of the form section.key=value"),
@@ -64,6 +64,8 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("data.train_subset=0", "'data.train_subset' expects a positive int or null, got 0"),
     ("data.test_batch_size=1.5", "'data.test_batch_size' expects a positive int or null"),
     ("data.image_size=-3", "'data.image_size' expects a positive int or null"),
+    # CIFAR is always 32x32: a recorded 64 that was never used would split a report's groups for nothing
+    ("data.image_size=64", r"'data.image_size' expects null for data.dataset=cifar100 \(CIFAR images are 32x32\)"),
     ("data.workers=-1", "'data.workers' expects an int >= 0"),
     ("train.device=tpu", "'train.device' expects one of auto, cpu, cuda"),
     ("train.threads=0", "'train.threads' expects a positive int or null"),
@@ -72,6 +74,42 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("train.seed=-1", "'train.seed' expects an int >= 0"),
     ("train.eval_every=0", "'train.eval_every' expects a positive int"),
     ("output.dir=''", "'output.dir' expects a folder path"),
+    # inf passes every range check written as a comparison: refused as a value, not found by a diverged run
+    ("optim.lr=inf", "'optim.lr' expects a finite float"),
+    ("optim.lr=.inf", "'optim.lr' expects a finite float"),
+    ("optim.weight_decay=.inf", "'optim.weight_decay' expects a finite float"),
+    ("optim.momentum=nan", "'optim.momentum' expects a finite float"),
+    # the rest of docs/reliability.md's config cases: every key with a wrong type, range or a grid's list
+    ("model.name=5", "'model.name' expects a str"),
+    ("model.num_classes=[10, 100]", "'model.num_classes' expects an int >= 2 or null .*, got \\[10, 100\\]"),
+    ("model.sync_bn=2", "'model.sync_bn' expects a bool"),
+    ("data.download=maybe", "'data.download' expects a bool"),
+    ("data.train_subset=-1", "'data.train_subset' expects a positive int or null, got -1"),
+    ("data.augment=1", "'data.augment' expects a bool"),
+    ("data.workers=1.5", "'data.workers' expects an int"),
+    ("data.test_batch_size=0", "'data.test_batch_size' expects a positive int or null, got 0"),
+    ("train.epochs=0", "'train.epochs' expects a positive int, got 0"),
+    ("train.epochs=1.5", "'train.epochs' expects an int"),
+    ("train.epochs=[1, 2]", "'train.epochs' expects an int"),
+    ("train.amp=maybe", "'train.amp' expects a bool"),
+    ("train.channels_last=1", "'train.channels_last' expects a bool"),
+    ("train.grad_clip=0", "'train.grad_clip' expects a positive number or null, got 0"),
+    ("train.grad_clip=.nan", "'train.grad_clip' expects a positive number or null, got nan"),
+    ("train.compile=fast", "'train.compile' expects a bool"),
+    ("train.seed=1.5", "'train.seed' expects an int"),
+    ("train.deterministic=2", "'train.deterministic' expects a bool"),
+    ("train.allow_resize=sure", "'train.allow_resize' expects a bool"),
+    ("optim.lr=abc", "'optim.lr' expects a finite float .*, got 'abc'"),
+    ("optim.lr=nan", "'optim.lr' expects a finite float"),
+    ("optim.lr=[0.1, 0.01]", "'optim.lr' expects a finite float"),
+    ("optim.momentum=1", r"'optim.momentum' expects a number in \[0, 1\), got 1.0"),
+    ("optim.weight_decay=-1", "'optim.weight_decay' expects a number >= 0"),
+    ("optim.warmup_epochs=-1", r"'optim.warmup_epochs' expects a number of epochs in \[0, train.epochs=164\]"),
+    ("optim.warmup_start_factor=2", r"'optim.warmup_start_factor' expects a number in \[0, 1\]"),
+    ("optim.milestones=5", "'optim.milestones' expects a list"),
+    ("optim.label_smoothing=nan", "'optim.label_smoothing' expects a finite float"),
+    ("output.dir=5", "'output.dir' expects a str"),
+    ("optim.warmup_epochs=0.5", "'optim.warmup_epochs' expects an int"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
@@ -179,3 +217,15 @@ def test_shipped_configs_load(path):
         config = load_config(path)
         assert config["output"]["dir"].startswith("runs/")
         assert config["model"]["norm"] in path.stem or path.stem.startswith("reduced")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("- a\n", "must hold a mapping of sections, got list"),
+    ("- [1, 2\n", "is not valid YAML"),
+    ("_base_: 5\n", "_base_ must be the path of another config .*got 5"),
+    ("optim: 5\n", r"config key 'optim' is a section; set its keys \(lr, "),
+])
+def test_bad_config_files_are_clear_errors(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ValueError, match=f"config file '.*c.yaml'.*{message}"):
+        load_config(tmp_path / "c.yaml")

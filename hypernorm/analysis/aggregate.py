@@ -152,7 +152,23 @@ def collect_runs(root: str | Path) -> RunCollection:
             "config": comparable_config(config),
             "metrics": _read_metrics(folder / "metrics.csv"),
         })
-    return RunCollection(rows, excluded)
+    return RunCollection(*_drop_repeated_seeds(rows, excluded))
+
+
+def _drop_repeated_seeds(rows: list[dict[str, Any]], excluded: list[tuple[str, str]]):
+    """One run per setting and seed: a second folder of the same config and seed (a copied run) would count as
+    another seed with std 0. The first folder (by path) stays; the others are listed."""
+    first: dict[tuple, str] = {}
+    kept = []
+    for row in rows:
+        key = (_group_key(row), json.dumps(row["seed"]))
+        if key in first:
+            excluded.append((row["run"], f"same config and seed ({row['seed']}) as {first[key]}: a copy, not "
+                                         f"another seed"))
+            continue
+        first[key] = row["run"]
+        kept.append(row)
+    return kept, excluded
 
 
 def _group_key(row: dict[str, Any]) -> tuple:

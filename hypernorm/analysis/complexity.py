@@ -268,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
     for norm in norms:
         if norm not in norm_names():
             raise ValueError(f"unknown norm {norm!r}; valid norms: {', '.join(norm_names())}")
+    if args.num_classes is not None and args.num_classes < 1:  # a 0-class head would be counted without a word
+        raise ValueError(f"--num-classes expects a positive int, got {args.num_classes}")
     print(table3_report(measure(models, norms, args.input_size, args.num_classes)))
     return 0
 

@@ -9,7 +9,7 @@ A grid file::
     grid:                                     # every combination is one run
       model.norm: [bn, bhn]
       train.batch_size: [128, 8, 2]
-      seed: [0, 1, 2]
+      train.seed: [0, 1, 2]
     lr_scaling: {reference_batch: 128}        # optional: lr *= batch / reference_batch (linear scaling rule)
     exclude:                                  # optional: combinations left out (all keys given must match)
       - {model.norm: bhn, seed: 2}
@@ -42,7 +42,7 @@ import multiprocessing.connection
 import os
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -140,6 +140,11 @@ def expand_grid(grid: dict) -> list[Run]:
         folder = Path(grid["output_dir"]) / name
         overrides = list(grid["overrides"]) + [f"{k}={v}" for k, v in coords.items()] + [f"output.dir={folder}"]
         runs.append(Run(name, folder, coords, overrides))
+    counts = Counter(r.name for r in runs)
+    repeated = [name for name, count in counts.items() if count > 1]
+    if repeated:  # two runs in one folder: the second would find the first's result and count it as its own
+        raise ValueError(f"experiment grid {grid['name']!r} gives {len(runs)} runs but only {len(counts)} "
+                         f"folder(s) (e.g. {repeated[0]} twice): a value repeats in 'grid'")
     return runs
 
 

@@ -133,8 +133,18 @@ def _load_npz(path: Path, name: str, train: bool):
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(x) != len(y):
         raise ValueError(f"{path}: x_{split} must be uint8 (N, 32, 32, 3) with N labels, got {x.dtype} {x.shape} "
                          f"and {len(y)} labels")
+    if len(x) == 0:
+        raise ValueError(f"{path}: x_{split} holds no images; expected the {split} split of {_TITLE[name]}")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]  # the (N, 1) label column of some CIFAR copies
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        # float labels would be truncated to classes silently
+        raise ValueError(f"{path}: y_{split} must be N integer class labels, got {y.dtype} {y.shape}")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise ValueError(f"{path}: y_{split} labels must lie in 0..{num_classes - 1} for {_TITLE[name]}")
+    if classes is not None and len(classes) != num_classes:  # e.g. CIFAR-10 arrays saved as cifar100.npz
+        raise ValueError(f"{path}: class_names lists {len(classes)} classes, but {_TITLE[name]} has {num_classes}; "
+                         f"is it the npz of another data set?")
     images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     labels = torch.from_numpy(y.astype(np.int64))
     classes = classes or [str(i) for i in range(num_classes)]

@@ -40,7 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("give -c CONFIG (evaluates the checkpoint.pt of CONFIG's output.dir) or --checkpoint PATH")
     if args.config is None:  # the checkpoint knows the model it holds and the data it was evaluated on
         _, saved = load_detector_checkpoint(args.checkpoint)
-        if saved is None:
+        if not saved:  # none, or an empty one that would silently mean the defaults
             raise ValueError(f"checkpoint {args.checkpoint!r} holds weights only; pass -c CONFIG to say which "
                              f"detector they belong to")
         overrides = rename_overrides(args.overrides, RENAMED_KEYS)

@@ -131,8 +131,12 @@ class CocoDetection(torch.utils.data.Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = os.path.join(self.image_root, info["file_name"])
-        with Image.open(path) as pil:
-            image = v2.functional.pil_to_tensor(pil.convert("RGB"))
+        try:
+            with Image.open(path) as pil:
+                image = v2.functional.pil_to_tensor(pil.convert("RGB"))
+        except OSError as err:  # truncated or not an image: PIL's message does not name the file
+            raise ValueError(f"image {path} cannot be read ({err}); replace it or remove it from the annotations") \
+                from None
         height, width = image.shape[-2:]
         if (height, width) != (info["height"], info["width"]):
             raise ValueError(f"{path} is {width}x{height} but the annotation file says "

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..engine.checkpoint import read_checkpoint
+from ..engine.checkpoint import load_weights, read_checkpoint
 from ..engine.distributed import process_group
 from ..engine.loop import Task, TrainParts, fit, threads
 from ..nn import use_cpu_sync_batchnorm
@@ -186,11 +186,7 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str | os.PathLike | Non
     with threads(cfg["train"]["threads"]), process_group(cfg["train"]["device"]) as env:
         val_set = build_dataset(cfg, "val")
         model = build_model(cfg, val_set.num_classes)
-        try:
-            model.load_state_dict(weights)
-        except RuntimeError as err:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit the configured detector "
-                             f"({str(err).splitlines()[0]}); pass the config it was trained with") from None
+        load_weights(model, weights, checkpoint, "the configured detector (pass the config it was trained with)")
         model.to(env.device)
         metrics = evaluate(model, _val_loader(val_set, cfg, env.world_size), val_set.coco, env.device,
                            verbose=verbose and env.is_main)

@@ -71,12 +71,14 @@ def _backbone_norm_layer(name: str) -> tuple[Callable[..., nn.Module], bool]:
 
 def _load_backbone_weights(body: nn.Module, weights: str | os.PathLike) -> None:
     """A checkpoint of a classification ResNet of the same norm (for example a BHN or GN ResNet-50)."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    from ..engine.checkpoint import load_weights, read_checkpoint
+
+    _, state = read_checkpoint(weights)  # weights_only, and a one-line error for a corrupt file
     for key in ("model", "state_dict"):  # engine checkpoints wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
-    missing, unexpected = body.load_state_dict(state, strict=False)
+    missing, unexpected = load_weights(body, state, weights, "this backbone", strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is not part of the detector
     if missing or unexpected:
         raise ValueError(f"weights_backbone {str(weights)!r} does not fit this backbone: missing keys "

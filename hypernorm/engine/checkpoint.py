@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_checkpoint", "load_weights", "rng_state",
+           "set_rng_state"]
 
 
 def _umask() -> int:
@@ -64,7 +65,22 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path, state = read_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a hypernorm checkpoint (no model/config entries)")
+    if not isinstance(state["config"], dict) or not isinstance(state["config"].get("model"), dict):
+        # an empty config would silently mean the defaults: another model and data set than the weights'
+        raise ValueError(f"checkpoint {str(path)!r} holds no run config (no config.model section)")
     return state
+
+
+def load_weights(module: torch.nn.Module, weights: Any, path: str | os.PathLike, what: str, strict: bool = True):
+    """``module.load_state_dict(weights)``, or a one-line error naming the checkpoint when they do not fit."""
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {str(path)!r} holds no state_dict for {what} (got {type(weights).__name__})")
+    try:
+        return module.load_state_dict(weights, strict=strict)
+    except RuntimeError as err:  # missing/unexpected keys or shape mismatches, listed over many lines
+        detail = " ".join(str(err).split())
+        raise ValueError(f"checkpoint {str(path)!r} does not fit {what} ({detail[:300]}"
+                         f"{'...' if len(detail) > 300 else ''})") from None
 
 
 def rng_state() -> dict[str, Any]:

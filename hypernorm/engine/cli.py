@@ -53,8 +53,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, parse_overrides(args.overrides), progress=not args.quiet)
     if _is_rank0():
-        print(f"{result['model']} / {result['norm']} on {result['dataset']}, checkpoint of epoch {result['epoch']} "
-              f"({result['count']} test images)\n"
+        # a checkpoint of an unfinished or failed run is no final result: say so beside its numbers
+        state = "" if result["status"] == "done" else f", of a {result['status']} run" + (
+            f" ({result['reason']})" if result.get("reason") else "")
+        print(f"{result['model']} / {result['norm']} on {result['dataset']}, checkpoint of epoch {result['epoch']}"
+              f"{state} ({result['count']} test images)\n"
               f"test loss {result['loss']:.4f} | top-1 err {result['top1_err']:.2f}% | top-5 err "
               f"{result['top5_err']:.2f}%")
     return 0

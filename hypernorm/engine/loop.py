@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import dump_config, flatten
-from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import atomic_write, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 
 __all__ = ["Task", "TrainParts", "TrainingDiverged", "fit", "lr_factor", "build_optimizer", "build_scheduler",
@@ -37,6 +37,8 @@ __all__ = ["Task", "TrainParts", "TrainingDiverged", "fit", "lr_factor", "build_
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 2
+# what load() reads from a checkpoint to continue a run
+RESUME_ENTRIES = ("model", "optimizer", "scheduler", "scaler", "rng", "history", "epoch")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -190,6 +192,8 @@ class _Fit:
     # -- restore: what the run folder already holds --------------------------------------------------------------
     def restore(self) -> dict[str, Any] | None:
         """The checkpoint to resume from (None: a fresh run), after refusing one that belongs to another run."""
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ValueError(f"config key 'output.dir' expects a folder, got {str(self.dir)!r}, which is a file")
         if not self.ckpt_path.is_file():
             summary = self.dir / "summary.json"
             if summary.is_file() and _read_json(summary).get("status") == "failed":
@@ -208,7 +212,14 @@ class _Fit:
         if status == "failed":
             self._refuse_failed(state.get("reason"))
         if status != "done":
+            missing = [k for k in RESUME_ENTRIES if k not in state]
+            if missing:
+                raise ValueError(f"checkpoint {str(self.ckpt_path)!r} cannot be resumed: it lacks "
+                                 f"{', '.join(missing)}; delete it to start over")
             self._check_size(state)
+        elif not isinstance(state.get("summary"), dict):
+            raise ValueError(f"checkpoint {str(self.ckpt_path)!r} is marked done but holds no summary; delete it to "
+                             f"start over")
         return state
 
     def _refuse_failed(self, reason: str | None) -> None:
@@ -232,7 +243,7 @@ class _Fit:
 
     def finished(self, state: dict[str, Any]) -> dict[str, Any]:
         """A finished run's summary; files a kill left behind disagreeing with the checkpoint are rewritten."""
-        summary = dict(state["summary"], status="done", done=True)
+        summary = dict(state["summary"], status="done", done=True, run_dir=str(self.dir))  # the folder may have moved
         if self.env.is_main:
             on_disk = _read_json(self.dir / "summary.json") if (self.dir / "summary.json").is_file() else None
             if on_disk != summary or not (self.dir / "metrics.csv").is_file():
@@ -266,8 +277,9 @@ class _Fit:
         self.optimizer = build_optimizer(self.model, optim, self.task.base_lr(self.global_batch))
         self.scheduler = build_scheduler(self.optimizer, optim, self.iters, tcfg["epochs"])
         self.amp = tcfg["amp"] and env.device.type == "cuda"
-        if tcfg["amp"] and not self.amp:
-            self.log("train.amp is for CUDA; training in float32 on this CPU")
+        if tcfg["amp"] and not self.amp:  # would train in float32 under a config that says float16
+            raise ValueError(f"config key 'train.amp' expects false on {env.device.type} (float16 autocast is for "
+                             f"CUDA), got true")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.net: nn.Module = torch.compile(self.model) if tcfg.get("compile") else self.model
         self.train_net = self.net
@@ -277,7 +289,7 @@ class _Fit:
 
     # -- load: the checkpoint into what build made ---------------------------------------------------------------
     def load(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        load_weights(self.model, state["model"], self.ckpt_path, "the configured model")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])

@@ -134,6 +134,9 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
            "a folder path or null")
     for key in ("data.train_subset", "data.test_batch_size", "data.image_size"):
         expect(key, flat[key], flat[key] is None or (_is_int(flat[key]) and flat[key] >= 1), "a positive int or null")
+    size = flat["data.image_size"]  # CIFAR images are 32x32: another size would be recorded but never used
+    expect("data.image_size", size, flat["data.dataset"] == "imagenet" or size in (None, 32),
+           f"null for data.dataset={flat['data.dataset']} (CIFAR images are 32x32)")
     expect("train.eval_every", flat["train.eval_every"], flat["train.eval_every"] >= 1, "a positive int")
     epochs = flat["train.epochs"]
     expect("optim.warmup_epochs", flat["optim.warmup_epochs"], 0 <= flat["optim.warmup_epochs"] <= epochs,

@@ -22,7 +22,7 @@ from ..config import merge_config
 from ..data import Normalize, build_dataset
 from ..models import create_model, model_info
 from ..models.external import convert_defaults, is_external
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, load_weights
 from .distributed import DistEnv, all_reduce_sum, process_group
 from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads, write_text
 from .schema import RESUMABLE_DIFFERENCES, resolve_config
@@ -223,11 +223,14 @@ def evaluate_checkpoint(path: str | os.PathLike, overrides: dict[str, Any] | Non
         test_set, info = build_dataset(config["data"], train=False)
         model = create_model(config["model"]["name"], config["model"]["norm"],
                              config["model"]["num_classes"] or info.num_classes)
-        model.load_state_dict(state["model"])
+        load_weights(model, state["model"], path, f"model.name={config['model']['name']} model.norm="
+                     f"{config['model']['norm']} with {config['model']['num_classes'] or info.num_classes} classes")
         model.to(env.device)
         loader = DataLoader(_shard(test_set, env), config["data"]["test_batch_size"] or config["train"]["batch_size"],
                             num_workers=config["data"]["workers"])
         result = evaluate(model, loader, Normalize(info.mean, info.std).to(env.device), env.device, env,
                           config["train"]["amp"], config["train"]["channels_last"], progress)
-        return {"checkpoint": str(path), "epoch": state["epoch"], "dataset": info.name, "data_source": info.source,
+        status = state.get("status", "done" if state.get("done") else "running")
+        return {"checkpoint": str(path), "epoch": state["epoch"], "status": status, "reason": state.get("reason"),
+                "dataset": info.name, "data_source": info.source,
                 "model": config["model"]["name"], "norm": config["model"]["norm"], **result}

@@ -139,3 +139,23 @@ def test_batch_figure_follows_scaled_lr_but_keeps_an_lr_sweep_apart(tmp_path):
     fig = plot_batch_size(collect_runs(tmp_path / "sweep").rows, tmp_path / "sweep.png", "resnet20")
     lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].get_lines()}
     assert lines == {"BN, optim.lr=0.01": [1.0, 1.0], "BN, optim.lr=0.1": [10.0, 10.0]}
+
+
+def test_torn_summary_and_missing_config_are_listed_not_tabled(tmp_path):
+    write_run(tmp_path, "good", final=10.0)
+    torn = write_run(tmp_path, "torn", final=11.0)
+    (torn / "summary.json").write_text((torn / "summary.json").read_text()[:20])  # a copy cut short
+    (write_run(tmp_path, "orphan", final=12.0) / "config.yaml").unlink()
+    table = report(tmp_path)
+    assert table.count("| cifar10 |") == 1 and "| 10.000 |" in table
+    assert "- torn: missing: summary.json unreadable (" in table
+    assert "- orphan: done, but no config.yaml: the config that made it is unknown" in table
+
+
+def test_a_copied_run_is_not_another_seed(tmp_path):
+    write_run(tmp_path, "a", seed=0, final=10.0)
+    write_run(tmp_path, "b", seed=0, final=10.0)  # the same run copied: averaged, it made "2 seeds, std 0"
+    write_run(tmp_path, "c", seed=1, final=12.0)
+    table = report(tmp_path)
+    assert "| 11.000 ± 1.414 |" in table and table.count("| cifar10 |") == 1
+    assert "- b: same config and seed (0) as a: a copy, not another seed" in table

@@ -109,6 +109,13 @@ def test_command_rejects_unknown_names(capsys):
     assert "valid models: " in capsys.readouterr().err
     assert main(["complexity", "-n", "qhn"]) == 2
     assert "valid norms: " in capsys.readouterr().err
+    assert main(["complexity", "-m", "resnet20", "--num-classes", "0"]) == 2
+    assert "--num-classes expects a positive int, got 0" in capsys.readouterr().err
+    assert main(["complexity", "-m", "resnet20", "-s", "0"]) == 2
+    assert "input_size must be S, (H, W) or (C, H, W) with positive sizes, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and one line, exit code 2
+        main(["complexity", "-m", "resnet20", "-s", "big"])
+    assert "argument -s/--input-size: invalid int value: 'big'" in capsys.readouterr().err
 
 
 def test_counts_the_reference_arithmetic_and_restores_the_fast_path():

@@ -122,6 +122,15 @@ def test_bad_value_in_any_run_is_an_error_before_anything_is_written(grid_file, 
     grid["grid"]["train.batch_size"] = [128, 0]
     with pytest.raises(ValueError, match="train.batch_size"):
         run_grid(grid, FakeTrain(journal))
+    grid["grid"] = {"model.norm": ["bn", "bhn", "bn"]}  # two runs in one folder
+    with pytest.raises(ValueError, match=r"gives 3 runs but only 2 folder\(s\) \(e.g. normbn twice\)"):
+        run_grid(grid, FakeTrain(journal))
+    grid["grid"] = {"model.nrom": ["bn"]}  # a grid key that is no config key
+    with pytest.raises(ValueError, match="unknown config key 'model.nrom'"):
+        run_grid(grid, FakeTrain(journal))
+    grid["grid"], grid["overrides"] = {"model.norm": ["bn"]}, ["optim.lr=abc"]
+    with pytest.raises(ValueError, match="'optim.lr' expects a finite float"):
+        run_grid(grid, FakeTrain(journal))
     assert not (tmp_path / "runs").exists() and not journal.exists()
 
 
@@ -179,6 +188,10 @@ def test_bad_grid_files(tmp_path, capsys):
         load_grid(bad)
     bad.write_text("- a list")
     with pytest.raises(ValueError, match="must be a mapping"):
+        load_grid(bad)
+    bad.write_text(yaml.safe_dump({"base": "x.yaml", "output_dir": "r", "grid": {"model.norm": ["bn"]},
+                                   "lr_scaling": {"reference_batch": "zero"}}))
+    with pytest.raises(ValueError, match=r"lr_scaling is \{reference_batch: <positive int>\}"):
         load_grid(bad)
     assert main(["experiment", "-c", str(tmp_path / "nope.yaml")]) == 2
     assert main(["experiment", "-c", str(bad), "--workers", "0"]) == 2

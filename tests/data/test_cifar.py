@@ -78,6 +78,53 @@ def test_corrupt_npz_is_a_clear_error(tmp_path):
     np.savez(tmp_path / "cifar10.npz", x_train=np.zeros((2, 32, 32, 3), np.uint8))
     with pytest.raises(ValueError, match="lacks the arrays y_train"):
         load_cifar("cifar10", tmp_path, train=True)
+    (tmp_path / "cifar10.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="corrupt or not a numpy .npz"):
+        load_cifar("cifar10", tmp_path, train=True)
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    (tmp_path / "single.npy").rename(tmp_path / "cifar10.npz")
+    with pytest.raises(ValueError, match=r"not a numpy .npz archive \(it holds a single array\)"):
+        load_cifar("cifar10", tmp_path, train=True)
+
+
+def test_train_subset_larger_than_the_train_set_is_refused(tmp_path):
+    write_npz(tmp_path, n_train=30)
+    data = dict(data_section(tmp_path), dataset="cifar10", train_subset=31)
+    with pytest.raises(ValueError, match="data.train_subset=31 exceeds the 30 training images of cifar10"):
+        build_dataset(data, train=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # float labels were truncated to classes (3.7 -> 3) without a word
+    (lambda a: a.update(y_train=a["y_train"].astype(np.float32) + 0.5), "y_train must be N integer class labels"),
+    (lambda a: a.update(y_train=np.stack([a["y_train"]] * 2, 1)), "y_train must be N integer class labels"),
+    (lambda a: a.update(x_test=a["x_test"][:0], y_test=a["y_test"][:0]), "x_test holds no images"),
+    (lambda a: a.update(x_train=a["x_train"].transpose(0, 3, 1, 2)), r"x_train must be uint8 \(N, 32, 32, 3\)"),
+    (lambda a: a.update(x_train=a["x_train"].astype(np.float32)), r"x_train must be uint8 .* got float32"),
+    (lambda a: a.update(y_train=a["y_train"][:10]), "x_train must be uint8 .* and 10 labels"),
+    (lambda a: a.update(y_train=a["y_train"] + 5), r"y_train labels must lie in 0..9 for CIFAR-10"),
+])
+def test_npz_labels_and_empty_splits_are_clear_errors(tmp_path, edit, message):
+    arrays = write_npz(tmp_path)
+    edit(arrays)
+    np.savez(tmp_path / "cifar10.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        load_cifar("cifar10", tmp_path, train="train" in message)
+
+
+def test_npz_of_another_data_set_is_refused(tmp_path):
+    arrays = write_npz(tmp_path)  # CIFAR-10's arrays: their labels 0..9 are valid CIFAR-100 labels too
+    (tmp_path / "cifar10.npz").rename(tmp_path / "cifar100.npz")
+    with pytest.raises(ValueError, match="cifar100.npz: class_names lists 10 classes, but CIFAR-100 has 100"):
+        load_cifar("cifar100", tmp_path, train=True)
+    assert len(arrays["class_names"]) == 10
+
+
+def test_npz_label_column_is_read_as_labels(tmp_path):
+    arrays = write_npz(tmp_path)
+    np.savez(tmp_path / "cifar10.npz", **dict(arrays, y_train=arrays["y_train"][:, None]))  # (N, 1), as some copies
+    _, labels, _, _ = load_cifar("cifar10", tmp_path, train=True)
+    assert labels.tolist() == arrays["y_train"].tolist()
 
 
 def test_train_transform_is_padded_crop_and_flip_on_uint8():

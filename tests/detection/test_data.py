@@ -70,3 +70,13 @@ def test_unreadable_or_missing_files(tmp_path, tiny_coco):
     (tmp_path / "images" / "000002.png").unlink()
     with pytest.raises(FileNotFoundError, match="1 images of .* are not in .*e.g. 000002.png"):
         CocoDetection(*tiny_coco)
+
+
+def test_truncated_image_names_the_file(tiny_coco):
+    image_dir, ann_file = tiny_coco
+    path = f"{image_dir}/000001.png"
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:100])
+    dataset = CocoDetection(image_dir, ann_file)
+    with pytest.raises(ValueError, match=r"image .*000001.png cannot be read \(.*\); replace it"):
+        dataset[dataset.ids.index(1)]

@@ -64,6 +64,11 @@ def test_cli_train_refuses_a_changed_rerun_and_evaluates(tiny_coco, tmp_path, ca
     table = capsys.readouterr().out.splitlines()
     assert table[-2].split() == ["Backbone", "Neck/Head", *METRICS]
     assert table[-1].split()[:2] == ["BHN", "GN"] and len(table[-1].split()) == 8
+    # the weights under another architecture: one line, no traceback
+    assert cli.main(["detect-eval", "--checkpoint", str(out / "checkpoint.pt"), "model.arch=resnet34"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt' does not fit the configured detector (pass the config it was trained with) (" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_killed_mid_epoch_resumes_bit_for_bit(tiny_coco, tmp_path, monkeypatch):
@@ -144,6 +149,15 @@ def test_cli_reports_bad_config_key(capsys):
     ("train.max_iters=0", "'train.max_iters' expects a positive int or null"),
     ("optim.milestones=[8, 12]", "'optim.milestones' expects epochs before the last (train.epochs=12)"),
     ("optim.lr_batch=0", "'optim.lr_batch' expects a positive int"),
+    ("optim.lr_batch=2.5", "'optim.lr_batch' expects an int"),
+    ("optim.lr=.inf", "'optim.lr' expects a finite float"),
+    ("optim.warmup_iters=-1", "'optim.warmup_iters' expects an int >= 0"),
+    ("model.neck_norm=frozenbn", "'model.neck_norm' expects one of none, bn,"),
+    ("model.num_classes=1", "'model.num_classes' expects an int >= 2 or null"),
+    ("model.min_size=0", "'model.min_size' expects a positive number of pixels"),
+    ("model.kwargs=5", "'model.kwargs' expects a dict"),
+    ("data.max_images=0", "'data.max_images' expects a positive int or null"),
+    ("train.device=gpu", "'train.device' expects one of auto, cpu, cuda"),
 ])
 def test_cli_bad_values_are_one_line_before_anything_is_written(override, message, tmp_path, capsys):
     assert cli.main(["detect-train", f"output.dir={tmp_path / 'run'}", override]) == 2
@@ -203,3 +217,25 @@ def test_configs_cover_every_table2_row_with_the_1x_schedule():
         assert cfg["output"]["dir"].endswith(name[:-len(".yaml")])
         pairs.add((backbone_norm, neck_norm))
     assert pairs == set(TABLE2_PAIRS)
+
+
+def test_backbone_weights_truncated_or_of_another_model_are_one_line(tiny_coco, tmp_path, capsys):
+    classifier = tmp_path / "classifier.pt"
+    torch.save({"model": torch.nn.Conv2d(3, 16, 3).state_dict() | {"conv1.weight": torch.zeros(16, 3, 3, 3)}},
+               classifier)
+    (tmp_path / "cut.pt").write_bytes(classifier.read_bytes()[:200])
+    for weights, message in [(tmp_path / "cut.pt", "cut.pt' is corrupt, truncated or not a hypernorm checkpoint"),
+                             (classifier, "classifier.pt' does not fit this backbone (")]:
+        args = tiny_config_overrides(*tiny_coco, str(tmp_path / "run")) + [f"model.weights_backbone={weights}"]
+        assert cli.main(["detect-train", "--quiet"] + args) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_num_classes_below_the_category_ids_is_one_line(tiny_coco, tmp_path, capsys):
+    args = tiny_config_overrides(*tiny_coco, str(tmp_path / "run")) + ["model.num_classes=3"]
+    assert cli.main(["detect-train", "--quiet"] + args) == 2
+    err = capsys.readouterr().err
+    assert "'model.num_classes' expects at least 4 (the largest category id of " in err
+    assert "annotations.json + 1), got 3" in err
+    assert not (tmp_path / "run").exists()

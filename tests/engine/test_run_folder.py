@@ -127,7 +127,7 @@ def test_truncated_or_foreign_checkpoint_is_one_line(cifar_root, tmp_path, capsy
     assert main(["eval", str(tmp_path / "cut")]) == 2
     err = capsys.readouterr().err
     assert "is corrupt, truncated or not a hypernorm checkpoint" in err and len(err.strip().splitlines()) == 1
-    torch.save({"model": {}, "config": {}, "task": "detection"}, tmp_path / "det.pt")
+    torch.save({"model": {}, "config": {"model": {}}, "task": "detection"}, tmp_path / "det.pt")
     assert main(["eval", str(tmp_path / "det.pt")]) == 2
     assert "holds a detection run; evaluate it with hypernorm detect-eval" in capsys.readouterr().err
     # training into a folder whose checkpoint is truncated: refused, not started over
@@ -171,3 +171,112 @@ def test_command_modules_import_no_torch_at_top_level(module):
     heavy = [name for name in imported if name.split(".")[0] in ("torch", "torchvision", "numpy", "pycocotools")
              or name.lstrip(".") in ("trainer", "loop", "engine", "data", "model", "evaluate", "models", "nn")]
     assert not heavy, heavy
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_one_line(cifar_root, tmp_path, capsys):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert main(["eval", str(tmp_path / "run"), "model.name=resnet56", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "run' does not fit model.name=resnet56 model.norm=bn with 10 classes (" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_resume_of_a_checkpoint_lacking_entries_is_refused(cifar_root, tmp_path):
+    out = tmp_path / "run"
+    config = tiny_config(cifar_root, out, train={"epochs": 2})
+    train(config, quiet=True)
+    state = load_checkpoint(out)
+    del state["optimizer"]
+    state.update(status="running", done=False, epoch=1)
+    save_checkpoint(out / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match=r"checkpoint.pt' cannot be resumed: it lacks optimizer; delete it"):
+        train(config, quiet=True)
+
+
+def test_moved_run_folder_reports_its_new_place(cifar_root, tmp_path):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    (tmp_path / "run").rename(tmp_path / "moved")
+    summary = train(tiny_config(cifar_root, tmp_path / "moved"), quiet=True)  # finished: nothing trained
+    assert summary["run_dir"] == str(tmp_path / "moved")
+    assert json.loads((tmp_path / "moved" / "summary.json").read_text())["run_dir"] == str(tmp_path / "moved")
+
+
+def test_output_dir_that_is_a_file_is_one_line(cifar_root, tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    assert main(["train", "--quiet", "data.dataset=cifar10", f"data.root={cifar_root}", "data.download=false",
+                 "train.device=cpu", "train.epochs=1", "optim.sched=cosine", f"output.dir={tmp_path / 'taken'}"]) == 2
+    assert "'output.dir' expects a folder, got " in capsys.readouterr().err
+
+
+def test_amp_on_cpu_is_refused_before_anything_is_written(cifar_root, tmp_path):
+    with pytest.raises(ValueError, match="'train.amp' expects false on cpu"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"amp": True}), quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_larger_than_the_train_set_and_absent_cuda_are_one_line(cifar_root, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"fewer images per process than train.batch_size=100 x 1 process"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"batch_size": 100}), quiet=True)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device=cuda but no CUDA device is available"):
+        train(tiny_config(cifar_root, tmp_path / "run", train={"device": "cuda"}), quiet=True)
+
+
+class NotAWeight:  # an arbitrary pickled object: weights_only loading must refuse it, not run its code
+    pass
+
+
+@pytest.mark.parametrize("content, eval_message, detect_message", [
+    (b"", "is corrupt, truncated or not a hypernorm checkpoint (EOFError)", "is corrupt, truncated"),
+    (torch.zeros(3), "is not a hypernorm checkpoint (no model/config entries)",
+     "is not a detector checkpoint (holds a Tensor)"),
+    (torch.nn.Linear(2, 2).state_dict(), "is not a hypernorm checkpoint (no model/config entries)",
+     "holds weights only; pass -c CONFIG"),
+    ({"model": NotAWeight(), "config": {}}, "is corrupt, truncated or not a hypernorm checkpoint (Weights only load",
+     "is corrupt, truncated or not a hypernorm checkpoint (Weights only load"),
+    ({"model": {}, "config": {}}, "holds no run config (no config.model section)", "holds weights only; pass -c"),
+])
+def test_foreign_checkpoints_are_one_line_in_eval_and_detect_eval(tmp_path, capsys, content, eval_message,
+                                                                  detect_message):
+    path = tmp_path / "foreign.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    for argv, message in [(["eval", str(path), "--quiet"], eval_message),
+                          (["detect-eval", "--checkpoint", str(path)], detect_message)]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_of_an_unfinished_run_says_so(cifar_root, tmp_path, capsys):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "checkpoint of epoch 1 (32 test images)" in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "run")
+    state.update(status="failed", done=False, reason="non-finite train loss (nan) in epoch 2")
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    assert main(["eval", str(tmp_path / "run"), "--quiet"]) == 0
+    assert ("checkpoint of epoch 1, of a failed run (non-finite train loss (nan) in epoch 2) (32 test images)"
+            in capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), torch.nn.Linear(2, 2).state_dict(),
+                                     {"model": NotAWeight(), "config": {}}, {"model": {}, "config": {}}])
+def test_training_into_a_folder_with_a_foreign_checkpoint_is_refused(cifar_root, tmp_path, content):
+    (tmp_path / "run").mkdir()
+    torch.save(content, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="checkpoint.pt' (is not a hypernorm|is corrupt|holds no run config)"):
+        train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint.pt"]  # nothing written
+
+
+def test_a_run_folder_of_the_other_task_is_refused(cifar_root, tmp_path):
+    train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)
+    state = load_checkpoint(tmp_path / "run")
+    state["task"] = "detection"
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    with pytest.raises(ValueError, match="checkpoint.pt' holds a detection run, not classification"):
+        train(tiny_config(cifar_root, tmp_path / "run"), quiet=True)

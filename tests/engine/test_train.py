@@ -71,7 +71,7 @@ def test_resume_refuses_a_different_run(cifar_root, tmp_path):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    checkpoint_module.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {}})
+    checkpoint_module.save_checkpoint(path, {"model": {"w": torch.ones(3)}, "config": {"model": {}}})
 
     def torn_save(obj, f):
         f.write(b"half a checkpoint")
@@ -79,7 +79,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_module.torch, "save", torn_save)
     with pytest.raises(OSError, match="disk full"):
-        checkpoint_module.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {}})
+        checkpoint_module.save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "config": {"model": {}}})
     assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
 
