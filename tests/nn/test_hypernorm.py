@@ -128,3 +128,11 @@ def test_unknown_standardizer_lists_valid_names():
 def test_relay_is_a_module_with_cell():
     relay = StageRelay(8)
     assert relay.channels == 8 and relay.state is None
+
+
+@pytest.mark.parametrize("kwargs", [{"num_features": 8.5}, {"num_features": 0}, {"num_features": True},
+                                    {"num_features": 8, "reduction": 0}])
+def test_bad_sizes_are_named(kwargs):
+    name = "num_features" if "reduction" not in kwargs else "reduction"
+    with pytest.raises(ValueError, match=f"{name} must be a positive int"):
+        HyperNorm(**kwargs)
