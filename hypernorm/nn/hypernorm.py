@@ -64,7 +64,7 @@ class HyperNorm(nn.Module):
         super().__init__()
         for arg, value in (("num_features", num_features), ("reduction", reduction)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HyperNorm {name!r}: {arg} must be a positive int, got {value!r}")
+                raise ValueError(f"{name or 'HyperNorm'}: {arg} must be a positive int, got {value!r}")
         if isinstance(norm, str):
             norm = create_base_norm(norm, num_features, affine=False)
         if getattr(norm, "weight", None) is not None or getattr(norm, "bias", None) is not None:
