@@ -8,6 +8,8 @@ within 1e-4 of float64 (relative to the largest value) up to mean/std = 1e4 (tes
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,8 +52,147 @@ def eager_autograd(x: torch.Tensor) -> bool:
 
 
 def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
-    """y = h * norm(x) + c with (h, c) = lstm_step(GAP(x)): one pass for the statistics (the per-sample
-    means are the GAP), one for y = (x - s) * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
+    """y = h * norm(x) + c with (h, c) = lstm_step(GAP(x)), in as few passes over x as the norm's own kernel.
+
+    Eager CPU float: :func:`_direct_standardize_affine` (no shifted copy of x) wherever the mean is within
+    FAR_MEAN_OVER_STD of the spread; elsewhere, on CUDA and under compile the shifted form below."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() \
+            and not torch.compiler.is_compiling():
+        y = _direct_standardize_affine(norm, x, lstm_step)
+        if y is not None:
+            return y
+    return _shifted_standardize_affine(norm, x, lstm_step)
+
+
+def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor | None:
+    """y = x * scale + bias, scale = h / sigma, bias = c - h * mu / sigma, from unshifted moments (two
+    reductions that allocate nothing). None, before any state changes, where some mean is farther than
+    FAR_MEAN_OVER_STD from its spread: there E[x^2] - E[x]^2 and x * scale + bias would cancel.
+
+    Allocation matters more than passes on CPU: glibc's default malloc maps every feature-map-sized block
+    afresh (page faults on each touch), so this path allocates what BN does: the output, and in the backward
+    the input gradient (both computed by the two autograd.Functions sharing a :class:`_BackwardLink`)."""
+    N, C, H, W = x.shape
+    autograd = eager_autograd(x)
+    link = _BackwardLink() if autograd else None
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None):
+        mean, invstd, far = _running_statistics(norm)
+        if far:
+            return None
+        m = _Moments.apply(x, link)[0] if autograd else x.mean(dim=(2, 3))
+    else:
+        m, square = _Moments.apply(x, link) if autograd else _moments(x)
+        mean, var = _batch_statistics(norm, m, square, H * W)
+        invstd = torch.rsqrt(var + norm.eps)
+        if float(torch.linalg.vector_norm(mean.detach() * invstd.detach(), float("inf"))) > FAR_MEAN_OVER_STD:
+            return None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
+            _update_running_stats(norm, mean, var, N * H * W)
+        if isinstance(norm, nn.GroupNorm):
+            mean, invstd = _per_channel(mean, C), _per_channel(invstd, C)
+    h, c = lstm_step(m)
+    scale = h * invstd
+    bias = torch.addcmul(c, mean, scale, value=-1)
+    if scale.dtype != x.dtype:
+        scale, bias = scale.to(x.dtype), bias.to(x.dtype)
+    if autograd:
+        return _DirectAffine.apply(x, scale, bias, link)
+    return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean square over (H, W) of every (sample, channel), each (N, C); neither allocates a copy of x."""
+    return x.mean(dim=(2, 3)), torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(x.shape[2] * x.shape[3])
+
+
+def _batch_statistics(norm: nn.Module, m: torch.Tensor, square: torch.Tensor,
+                      hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standardizer's (mean, biased variance) from the per-(sample, channel) moments: (C,) for BN,
+    (N, G) for GN, (N, C) for IN."""
+    N, C = m.shape
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if N * hw == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {(N, C, hw)}")
+        m, square = m.mean(0), square.mean(0)
+    elif isinstance(norm, nn.GroupNorm):
+        G = norm.num_groups
+        m, square = m.view(N, G, C // G).mean(2), square.view(N, G, C // G).mean(2)
+    return m, torch.addcmul(square, m, m, value=-1).clamp_min_(0)  # clamp: rounding may leave a tiny negative
+
+
+def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(running mean, 1/sigma, far) of a BN in eval, computed again only after the buffers change."""
+    mean, var = norm.running_mean, norm.running_var
+    key = (mean, mean._version, var, var._version, norm.eps)
+    cached = _RUNNING_CACHE.get(norm)
+    if cached is None or any(a is not b and a != b for a, b in zip(cached[0], key)):
+        invstd = torch.rsqrt(var + norm.eps).to(mean.dtype)
+        far = float(torch.linalg.vector_norm(mean * invstd, float("inf"))) > FAR_MEAN_OVER_STD
+        cached = _RUNNING_CACHE[norm] = (key, invstd, far)
+    return mean, cached[1], cached[2]
+
+
+_RUNNING_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _BackwardLink:
+    """Hands the output gradient from :class:`_DirectAffine`'s backward to :class:`_Moments`' backward,
+    which runs after it (the moments feed scale and bias) and writes the whole input gradient at once."""
+    grad: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+
+class _Moments(torch.autograd.Function):
+    """:func:`_moments`; backward: dx = grad_y * scale + dm / HW + x * 2 dq / HW in one new tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, link: _BackwardLink) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(x)
+        ctx.link = link
+        return _moments(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_mean: torch.Tensor, grad_square: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        link, count = ctx.link, x.shape[2] * x.shape[3]
+        alpha, beta = (grad_square * (2 / count))[:, :, None, None], (grad_mean / count)[:, :, None, None]
+        if link.grad is None:  # the layer's output took no part in the loss
+            return torch.mul(x, alpha).add_(beta), None
+        grad = torch.mul(link.grad, link.scale[:, :, None, None]).addcmul_(x, alpha).add_(beta)
+        link.grad = link.scale = None
+        return grad, None
+
+
+class _DirectAffine(torch.autograd.Function):
+    """y = x * scale + bias per (sample, channel). Its backward reduces the gradient for scale and bias in
+    one pass and leaves the input gradient to :class:`_Moments`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                link: _BackwardLink) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        ctx.link = link
+        return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, None]:
+        x, scale = ctx.saved_tensors
+        N, C, H, W = x.shape
+        grad = grad.contiguous()
+        # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x) and sum(grad), one pass
+        zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
+        _, grad_scale, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad.view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None, False, 0.0,
+            [False, True, True])
+        ctx.link.grad, ctx.link.scale = grad, scale
+        return None, grad_scale.view(N, C), grad_bias.view(N, C), None
+
+
+def _shifted_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
+    """y = h * norm(x) + c: one pass for the moments of d = x - s (the per-sample means plus s are the GAP),
+    one for y = d * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
     N, C, H, W = x.shape
     eval_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
     shift = norm.running_mean.to(x.dtype)[None, :] if eval_bn else _shift(norm, x)
