@@ -16,11 +16,15 @@ from torch import nn
 
 from .sync_batchnorm import CPUSyncBatchNorm
 
-__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL"]
+__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL",
+           "SMALL_EAGER_TRAINING_NUMEL_CPU"]
 
 # Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
 # over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
 SMALL_EAGER_TRAINING_NUMEL = 1 << 18
+# The same on CPU, where the direct path (three autograd nodes a layer) beats the native kernel at every size
+# measured (docs/performance.md).
+SMALL_EAGER_TRAINING_NUMEL_CPU = 0
 
 # Below this mean/std the norms' float32 kernels lose nothing to cancellation (an error of about
 # (mean/std)^2 float32 roundings), and standardize() leaves their input as it is.
@@ -28,7 +32,8 @@ FAR_MEAN_OVER_STD = 8.0
 
 
 def small_eager_training(x: torch.Tensor) -> bool:
-    return x.numel() < SMALL_EAGER_TRAINING_NUMEL and eager_autograd(x)
+    limit = SMALL_EAGER_TRAINING_NUMEL_CPU if x.device.type == "cpu" else SMALL_EAGER_TRAINING_NUMEL
+    return x.numel() < limit and eager_autograd(x)
 
 
 def can_fuse(norm: nn.Module) -> bool:
@@ -69,55 +74,69 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
     reductions that allocate nothing). None, before any state changes, where some mean is farther than
     FAR_MEAN_OVER_STD from its spread: there E[x^2] - E[x]^2 and x * scale + bias would cancel.
 
-    Allocation matters more than passes on CPU: glibc's default malloc maps every feature-map-sized block
-    afresh (page faults on each touch), so this path allocates what BN does: the output, and in the backward
-    the input gradient (both computed by the two autograd.Functions sharing a :class:`_BackwardLink`)."""
-    N, C, H, W = x.shape
+    On CPU allocations cost more than passes (glibc's default malloc maps every feature-map-sized block
+    afresh and faults on each page touched), so this path allocates what BN does: the output, and in the
+    backward the input gradient, written once. In training it records two autograd nodes besides the LSTM
+    step's one: :class:`_Statistics` and :class:`_DirectAffine`, which hand each other the output gradient."""
+    link = _BackwardLink()
     autograd = eager_autograd(x)
-    link = _BackwardLink() if autograd else None
-    if isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None):
+    if _is_eval_bn(norm):
         mean, invstd, far = _running_statistics(norm)
         if far:
             return None
-        m = _Moments.apply(x, link)[0] if autograd else x.mean(dim=(2, 3))
+        m = _Statistics.apply(x, norm, link)[0] if autograd else x.mean(dim=(2, 3))
     else:
-        m, square = _Moments.apply(x, link) if autograd else _moments(x)
-        mean, var = _batch_statistics(norm, m, square, H * W)
-        invstd = torch.rsqrt(var + norm.eps)
-        if float(torch.linalg.vector_norm(mean.detach() * invstd.detach(), float("inf"))) > FAR_MEAN_OVER_STD:
+        m, mean, invstd = _Statistics.apply(x, norm, link) if autograd else _statistics(x, norm, link)
+        if link.far:
             return None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
-            _update_running_stats(norm, mean, var, N * H * W)
-        if isinstance(norm, nn.GroupNorm):
-            mean, invstd = _per_channel(mean, C), _per_channel(invstd, C)
+            _update_running_stats(norm, link.mean, link.var, x.shape[0] * x.shape[2] * x.shape[3])
     h, c = lstm_step(m)
-    scale = h * invstd
-    bias = torch.addcmul(c, mean, scale, value=-1)
-    if scale.dtype != x.dtype:
-        scale, bias = scale.to(x.dtype), bias.to(x.dtype)
     if autograd:
-        return _DirectAffine.apply(x, scale, bias, link)
-    return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+        return _DirectAffine.apply(x, h, c, mean, invstd, link)
+    scale = h * invstd
+    return torch.mul(x, scale[:, :, None, None]).add_(torch.addcmul(c, mean, scale, value=-1)[:, :, None, None])
 
 
-def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and mean square over (H, W) of every (sample, channel), each (N, C); neither allocates a copy of x."""
-    return x.mean(dim=(2, 3)), torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(x.shape[2] * x.shape[3])
+def _is_eval_bn(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
 
 
-def _batch_statistics(norm: nn.Module, m: torch.Tensor, square: torch.Tensor,
-                      hw: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The standardizer's (mean, biased variance) from the per-(sample, channel) moments: (C,) for BN,
-    (N, G) for GN, (N, C) for IN."""
-    N, C = m.shape
+class _BackwardLink:
+    """What :func:`_statistics` leaves for the caller (far, the group mean and variance) and what
+    :class:`_DirectAffine`'s backward hands to :class:`_Statistics`' backward, which runs after it (the
+    statistics feed scale and bias) and writes the whole input gradient at once."""
+    far = False
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+
+def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
+    """(GAP(x), per-channel mean, per-channel 1/sigma) of the standardizer, (N, C) or (C,) for BN in
+    training; the group statistics, before they are spread over channels, go to ``link``."""
+    N, C, H, W = x.shape
+    m = x.mean(dim=(2, 3))
+    if _is_eval_bn(norm):
+        return m, m.new_empty(0), m.new_empty(0)
+    square = torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(H * W)  # mean square, no copy of x
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        if N * hw == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {(N, C, hw)}")
-        m, square = m.mean(0), square.mean(0)
+        if N * H * W == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean, square = m.mean(0), square.mean(0)
     elif isinstance(norm, nn.GroupNorm):
         G = norm.num_groups
-        m, square = m.view(N, G, C // G).mean(2), square.view(N, G, C // G).mean(2)
-    return m, torch.addcmul(square, m, m, value=-1).clamp_min_(0)  # clamp: rounding may leave a tiny negative
+        mean, square = m.view(N, G, C // G).mean(2), square.view(N, G, C // G).mean(2)
+    else:
+        mean = m
+    var = torch.addcmul(square, mean, mean, value=-1).clamp_min_(0)  # clamp: rounding may leave a tiny negative
+    invstd = torch.rsqrt(var + norm.eps)
+    link.far = float(torch.linalg.vector_norm(mean * invstd, float("inf"))) > FAR_MEAN_OVER_STD
+    link.mean, link.var = mean, var
+    if isinstance(norm, nn.GroupNorm):
+        return m, _per_channel(mean, C), _per_channel(invstd, C)
+    return m, mean, invstd
 
 
 def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -135,59 +154,87 @@ def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
 _RUNNING_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
-class _BackwardLink:
-    """Hands the output gradient from :class:`_DirectAffine`'s backward to :class:`_Moments`' backward,
-    which runs after it (the moments feed scale and bias) and writes the whole input gradient at once."""
-    grad: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-
-
-class _Moments(torch.autograd.Function):
-    """:func:`_moments`; backward: dx = grad_y * scale + dm / HW + x * 2 dq / HW in one new tensor."""
+class _Statistics(torch.autograd.Function):
+    """:func:`_statistics` as one node. Backward: dx = grad_y * scale (from the link) + dm / HW
+    + x * 2 dq / HW, with dm and dq (q: the mean squares) gathered from the GAP, mean and 1/sigma."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, link: _BackwardLink) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
+        outputs = _statistics(x, norm, link)
         ctx.save_for_backward(x)
-        ctx.link = link
-        return _moments(x)
+        ctx.link, ctx.eval_bn = link, _is_eval_bn(norm)
+        ctx.groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else None
+        ctx.batch = isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        if not ctx.eval_bn:
+            ctx.mean, ctx.invstd = link.mean, outputs[2] if ctx.groups is None else torch.rsqrt(link.var + norm.eps)
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean: torch.Tensor, grad_square: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_m: torch.Tensor, grad_mean: torch.Tensor, grad_invstd: torch.Tensor):
         (x,) = ctx.saved_tensors
-        link, count = ctx.link, x.shape[2] * x.shape[3]
-        alpha, beta = (grad_square * (2 / count))[:, :, None, None], (grad_mean / count)[:, :, None, None]
+        N, C, H, W = x.shape
+        link, count = ctx.link, H * W
+        if ctx.eval_bn:
+            grad_square = None
+        else:
+            mean, invstd, G = ctx.mean, ctx.invstd, ctx.groups
+            if G is not None:  # gradients of the per-channel copies add up per group
+                grad_mean, grad_invstd = (g.view(N, G, C // G).sum(2) for g in (grad_mean, grad_invstd))
+            grad_var = grad_invstd * invstd.pow(3) * -0.5
+            grad_mean = grad_mean - 2 * mean * grad_var
+            if ctx.batch:  # mean and var of the N per-sample moments
+                grad_m, grad_square = grad_m + grad_mean / N, (grad_var / N).expand(N, C)
+            elif G is not None:
+                grad_m = grad_m + _per_channel(grad_mean / (C // G), C)
+                grad_square = _per_channel(grad_var / (C // G), C)
+            else:
+                grad_m, grad_square = grad_m + grad_mean, grad_var
+        beta = (grad_m / count)[:, :, None, None]
         if link.grad is None:  # the layer's output took no part in the loss
-            return torch.mul(x, alpha).add_(beta), None
-        grad = torch.mul(link.grad, link.scale[:, :, None, None]).addcmul_(x, alpha).add_(beta)
-        link.grad = link.scale = None
-        return grad, None
+            grad = torch.zeros_like(x)
+        else:
+            grad = torch.mul(link.grad, link.scale[:, :, None, None])
+            link.grad = link.scale = None
+        if grad_square is not None:
+            grad.addcmul_(x, (grad_square * (2 / count))[:, :, None, None])
+        return grad.add_(beta), None, None
 
 
 class _DirectAffine(torch.autograd.Function):
-    """y = x * scale + bias per (sample, channel). Its backward reduces the gradient for scale and bias in
-    one pass and leaves the input gradient to :class:`_Moments`."""
+    """y = x * scale + bias with scale = h * invstd, bias = c - mean * scale. Its backward reduces the
+    output gradient in one pass and leaves the input gradient to :class:`_Statistics`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                 link: _BackwardLink) -> torch.Tensor:
-        ctx.save_for_backward(x, scale)
+        scale = h * invstd
+        bias = torch.addcmul(c, mean, scale, value=-1)
+        ctx.save_for_backward(x, h, scale, mean, invstd)
         ctx.link = link
         return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, None]:
-        x, scale = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor):
+        x, h, scale, mean, invstd = ctx.saved_tensors
         N, C, H, W = x.shape
         grad = grad.contiguous()
-        # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x) and sum(grad), one pass
+        # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x) and sum(grad) in one pass
         zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
-        _, grad_scale, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        _, grad_xscale, grad_bias = torch.ops.aten.native_batch_norm_backward(
             grad.view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None, False, 0.0,
             [False, True, True])
+        grad_bias = grad_bias.view(N, C)
+        grad_scale = torch.addcmul(grad_xscale.view(N, C), mean, grad_bias, value=-1)
         ctx.link.grad, ctx.link.scale = grad, scale
-        return None, grad_scale.view(N, C), grad_bias.view(N, C), None
+        grad_mean = grad_invstd = None
+        if ctx.needs_input_grad[3]:
+            grad_mean = -(grad_bias * scale)
+            grad_invstd = grad_scale * h
+            if mean.dim() == 1:  # BN: per channel, shared by the batch
+                grad_mean, grad_invstd = grad_mean.sum(0), grad_invstd.sum(0)
+        return None, grad_scale * invstd, grad_bias, grad_mean, grad_invstd, None
 
 
 def _shifted_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
