@@ -78,7 +78,9 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
     afresh and faults on each page touched), so this path allocates what BN does: the output, and in the
     backward the input gradient, written once. In training it records two autograd nodes besides the LSTM
     step's one: :class:`_Statistics` and :class:`_DirectAffine`, which hand each other the output gradient."""
-    link = _BackwardLink()
+    # The full-size output first, before the layer's small temporaries: allocated after them, it lands above
+    # them at the top of the heap and is given back to the system when freed, to fault in again next pass.
+    link = _BackwardLink(torch.empty_like(x))
     autograd = eager_autograd(x)
     if _is_eval_bn(norm):
         mean, invstd, far = _running_statistics(norm)
@@ -95,7 +97,10 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
     if autograd:
         return _DirectAffine.apply(x, h, c, mean, invstd, link)
     scale = h * invstd
-    return torch.mul(x, scale[:, :, None, None]).add_(torch.addcmul(c, mean, scale, value=-1)[:, :, None, None])
+    bias = torch.addcmul(c, mean, scale, value=-1)
+    if torch.is_grad_enabled():  # parameters need gradients (x does not): autograd's own ops
+        return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+    return torch.mul(x, scale[:, :, None, None], out=link.out).add_(bias[:, :, None, None])
 
 
 def _is_eval_bn(norm: nn.Module) -> bool:
@@ -103,14 +108,18 @@ def _is_eval_bn(norm: nn.Module) -> bool:
 
 
 class _BackwardLink:
-    """What :func:`_statistics` leaves for the caller (far, the group mean and variance) and what
+    """The layer's output buffer; what :func:`_statistics` leaves for the caller (far, the group mean and variance) and what
     :class:`_DirectAffine`'s backward hands to :class:`_Statistics`' backward, which runs after it (the
     statistics feed scale and bias) and writes the whole input gradient at once."""
     far = False
+    grad_input: torch.Tensor | None = None
     mean: torch.Tensor | None = None
     var: torch.Tensor | None = None
     grad: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
 
 
 def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
@@ -194,8 +203,8 @@ class _Statistics(torch.autograd.Function):
         if link.grad is None:  # the layer's output took no part in the loss
             grad = torch.zeros_like(x)
         else:
-            grad = torch.mul(link.grad, link.scale[:, :, None, None])
-            link.grad = link.scale = None
+            grad = torch.mul(link.grad, link.scale[:, :, None, None], out=link.grad_input)
+            link.grad = link.scale = link.grad_input = None
         if grad_square is not None:
             grad.addcmul_(x, (grad_square * (2 / count))[:, :, None, None])
         return grad.add_(beta), None, None
@@ -212,13 +221,15 @@ class _DirectAffine(torch.autograd.Function):
         bias = torch.addcmul(c, mean, scale, value=-1)
         ctx.save_for_backward(x, h, scale, mean, invstd)
         ctx.link = link
-        return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+        out, link.out = link.out, None
+        return torch.mul(x, scale[:, :, None, None], out=out).add_(bias[:, :, None, None])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, h, scale, mean, invstd = ctx.saved_tensors
         N, C, H, W = x.shape
+        ctx.link.grad_input = torch.empty_like(x)  # before the small temporaries, as the forward's output
         grad = grad.contiguous()
         # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x) and sum(grad) in one pass
         zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
