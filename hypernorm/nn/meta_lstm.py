@@ -121,12 +121,14 @@ class _CellStep(torch.autograd.Function):
         C = u.shape[1]
         i, f, o = s[:, :C], s[:, C:2 * C], s[:, 3 * C:]
         # c' -> h' = o * sigmoid(c'): dc' += dh' * o * sigmoid'(c')
-        grad_c = torch.addcmul(grad_c, grad_h * o, squashed * (1 - squashed))
-        grad_gates = torch.empty_like(s)
-        grad_gates[:, :C] = grad_c * g * i * (1 - i)
-        grad_gates[:, C:2 * C] = 0 if c is None else grad_c * c * f * (1 - f)
-        grad_gates[:, 2 * C:3 * C] = grad_c * i * (1 - g * g)
-        grad_gates[:, 3 * C:] = grad_h * squashed * o * (1 - o)
+        grad_squashed = grad_h * o
+        grad_c = torch.addcmul(grad_c, grad_squashed, squashed - squashed * squashed)
+        # the gates' gradients before their nonlinearities, all four quarters in a few whole-width ops
+        upstream = torch.cat([grad_c * g, grad_c * c if c is not None else torch.zeros_like(grad_c),
+                              grad_c * i, grad_h * squashed], dim=1)
+        slope = s - s * s
+        slope[:, 2 * C:3 * C] = 1 - g * g
+        grad_gates = upstream.mul_(slope)
         r = torch.relu(z)
         grad_z = (grad_gates @ w1.t()).mul_(z > 0)
         hu = u if h is None else torch.cat([u, h], dim=1)
