@@ -1,4 +1,8 @@
-"""The ``hypernorm`` command: a thin layer over the library; each subcommand lives beside the code it runs."""
+"""The ``hypernorm`` command: a thin layer over the library; each subcommand lives beside the code it runs.
+
+Building the parser imports no torch (the command modules load heavy code inside their functions), so
+``hypernorm --help`` and a mistyped subcommand answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,11 +15,12 @@ COMMAND_MODULES: list[str] = [
     "hypernorm.analysis.complexity",
     "hypernorm.engine.cli",
     "hypernorm.detection.cli",
+    "hypernorm.models.cli",
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hypernorm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hypernorm", description=__doc__.split("\n\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(subparsers)
@@ -26,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:  # user errors: one clear line, no traceback
-        print(f"hypernorm {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, KeyError, OSError) as err:  # bad input (values, files): one clear line, no traceback
+        message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+        print(f"hypernorm: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -1,78 +1,39 @@
 """Experiment configuration: nested dicts from YAML, with dotted ``key=value`` overrides.
 
-Every valid key is in the defaults (:data:`DEFAULT_CONFIG` for classification; detection passes its own,
-``hypernorm.detection.DEFAULT_DETECTION_CONFIG``); a YAML file or an override only changes values. Unknown keys
-are an error that lists the valid ones, so a typo never silently trains the wrong thing. A YAML file may extend
-another with ``_base_: other.yaml`` (relative to the file); its own values are applied on top of the other's.
+The generic machinery only; each schema lives beside its user (classification's ``DEFAULT_CONFIG`` and
+``validate_config`` in ``hypernorm.engine.schema``, detection's in ``hypernorm.detection.schema``), and is the
+default here when no other is given. Every valid key is in the defaults; a YAML file or an override only changes
+values. Unknown keys are an error that lists the valid ones, so a typo never silently trains the wrong thing. A YAML
+file may extend another with ``_base_: other.yaml`` (relative to the file); its own values are applied on top of the
+other's.
 A key whose default is an empty mapping (``{}``) takes any mapping, which replaces the previous one whole.
 """
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-__all__ = ["DEFAULT_CONFIG", "load_config", "merge_config", "apply_overrides", "parse_overrides", "validate_config", "dump_config",
-           "flatten", "DATA_ENV"]
+__all__ = ["load_config", "merge_config", "apply_overrides", "parse_overrides", "dump_config", "flatten",
+           "rename_keys", "rename_overrides", "expect", "DATA_ENV"]
 
 DATA_ENV = "HYPERNORM_DATA"  # environment variable naming the data root when data.root is null
 
-DEFAULT_CONFIG: dict[str, Any] = {
-    "model": {
-        "name": "resnet20",  # any name of hypernorm.list_models()
-        "norm": "bn",  # bn, bhn, gn, ghn, syncbn, syncbhn, ... (hypernorm.nn.norm_names())
-        "num_classes": None,  # null: the data set's class count
-        "sync_bn": False,  # convert BatchNorm to SyncBatchNorm (keeps HyperNorm layers) when distributed
-    },
-    "data": {
-        "dataset": "cifar100",  # cifar100 | cifar10 | imagenet
-        "root": None,  # null: $HYPERNORM_DATA, else ./data
-        "download": True,  # fetch the official CIFAR archives when missing (needs internet)
-        "train_subset": None,  # int: a fixed-seed random subset of the train set, for quick runs
-        "augment": True,  # crop + flip (CIFAR), random-resized crop + flip (ImageNet)
-        "workers": 2,  # DataLoader worker processes per training process
-        "test_batch_size": None,  # null: train.batch_size
-        "image_size": None,  # ImageNet crop size (null: 224); CIFAR is always 32
-    },
-    "train": {
-        "epochs": 164,
-        "batch_size": 128,  # per process; the global batch is batch_size * world size
-        "device": "auto",  # auto (CUDA when available) | cpu | cuda
-        "threads": None,  # torch CPU threads per process (null: torch's default); 1 avoids collapse on a busy CPU
-        "amp": False,  # float16 autocast + GradScaler, CUDA only
-        "channels_last": False,
-        "grad_clip": None,  # max global L2 norm of the gradients, or null
-        "compile": False,  # torch.compile the model
-        "seed": 0,
-        "deterministic": False,  # deterministic kernels (slower on CUDA)
-        "eval_every": 1,  # evaluate on the test set every N epochs (and always after the last)
-    },
-    "optim": {
-        "lr": 0.1,  # for the global batch; not rescaled automatically
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "nesterov": False,
-        "sched": "step",  # step | cosine
-        "warmup_epochs": 0,  # linear warm-up from warmup_start_factor * lr, per iteration
-        "warmup_start_factor": 0.1,
-        "milestones": [81, 122],  # epochs (step schedule)
-        "gamma": 0.1,  # step schedule factor
-        "min_lr": 0.0,  # cosine schedule floor
-        "label_smoothing": 0.0,
-    },
-    "output": {
-        "dir": "runs/default",  # the run folder: config.yaml, metrics.csv, summary.json, checkpoint.pt
-    },
-}
 
-_CHOICES = {
-    "data.dataset": ("cifar100", "cifar10", "imagenet"),
-    "optim.sched": ("step", "cosine"),
-}
+def _classification_defaults() -> dict[str, Any]:
+    from .engine.schema import DEFAULT_CONFIG  # imported here: the schema sits beside the engine that uses it
 
+    return DEFAULT_CONFIG
+
+
+def expect(key: str, value: Any, ok: bool, expected: str) -> None:
+    """The one message for a bad config value: the key, what it expects, what it got."""
+    if not ok:
+        raise ValueError(f"config key {key!r} expects {expected}, got {value!r}")
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}, "c": {}} -> {"a.b": 1, "c": {}} (an empty mapping is a value)."""
@@ -131,8 +92,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
 def merge_config(base: dict[str, Any], update: dict[str, Any], prefix: str = "",
                  defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """``base`` updated with ``update`` (a new dict); keys not in ``base`` raise ValueError listing the keys of
-    ``defaults`` (null: :data:`DEFAULT_CONFIG`), whose empty mappings mark the keys that take any mapping."""
-    defaults = DEFAULT_CONFIG if defaults is None else defaults
+    ``defaults`` (null: classification's), whose empty mappings mark the keys that take any mapping."""
+    defaults = _classification_defaults() if defaults is None else defaults
     schema = _subtree(defaults, prefix)
     merged = copy.deepcopy(base)
     for key, value in (update or {}).items():
@@ -156,16 +117,21 @@ def parse_overrides(overrides: list[str], defaults: dict[str, Any] | None = None
     """``["optim.lr=0.05", "model.norm=bhn"]`` -> ``{"optim": {"lr": 0.05}, "model": {"norm": "bhn"}}``.
 
     Values are parsed as YAML (numbers, null, true/false, [lists], {mappings}); keys are checked against
-    ``defaults`` (null: :data:`DEFAULT_CONFIG`).
+    ``defaults`` (null: classification's).
     """
-    defaults = DEFAULT_CONFIG if defaults is None else defaults
+    defaults = _classification_defaults() if defaults is None else defaults
     flat_defaults = flatten(defaults)
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=0.05)")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or "unreadable"
+            raise ValueError(f"override {item!r} is not valid YAML ({problem}); quote strings, close [lists] and "
+                             f"{{mappings}}") from None
         name = key.strip()
         if name not in flat_defaults:
             if any(k.startswith(name + ".") for k in flat_defaults):
@@ -190,27 +156,6 @@ def apply_overrides(config: dict[str, Any], overrides: list[str],
     return merge_config(config, parse_overrides(overrides, defaults), defaults=defaults)
 
 
-def validate_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Check the values that have a fixed set of choices or a range; returns ``config``."""
-    flat = flatten(config)
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
-            raise ValueError(f"config key {key!r} must be one of {', '.join(choices)}, got {flat[key]!r}")
-    for key in ("train.epochs", "train.batch_size", "data.workers", "train.eval_every"):
-        if flat[key] < (0 if key == "data.workers" else 1):
-            raise ValueError(f"config key {key!r} must be positive, got {flat[key]!r}")
-    threads = flat["train.threads"]
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"train.threads must be a positive int or null, got {threads!r}")
-    subset = flat["data.train_subset"]
-    if subset is not None and (not isinstance(subset, int) or subset < 1):
-        raise ValueError(f"data.train_subset must be a positive int or null, got {subset!r}")
-    milestones = flat["optim.milestones"]
-    if any(not isinstance(m, int) for m in milestones) or milestones != sorted(milestones):
-        raise ValueError(f"optim.milestones must be increasing epoch numbers, got {milestones!r}")
-    return config
-
-
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist; see configs/ for examples")
@@ -224,10 +169,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded or {}
 
 
-def _merge_file(config: dict[str, Any], path: Path, defaults: dict[str, Any], chain: tuple[Path, ...] = ()
-                ) -> dict[str, Any]:
+def _merge_file(config: dict[str, Any], path: Path, defaults: dict[str, Any], chain: tuple[Path, ...] = (),
+                renamed: dict[str, str | None] | None = None) -> dict[str, Any]:
     """``config`` updated by the file at ``path``, after the files it extends (``_base_``)."""
-    loaded = _read_yaml(path)
+    loaded = rename_keys(_read_yaml(path), renamed or {}, f"config file {str(path)!r}")
     base = loaded.pop("_base_", None)
     if base is not None:
         if not isinstance(base, str):
@@ -238,23 +183,72 @@ def _merge_file(config: dict[str, Any], path: Path, defaults: dict[str, Any], ch
         if base_path.resolve() in chain:
             raise ValueError(f"config file {str(path)!r}: _base_ {base!r} makes a cycle "
                              f"({' -> '.join(p.name for p in chain)} -> {base_path.name})")
-        config = _merge_file(config, base_path, defaults, chain)
+        config = _merge_file(config, base_path, defaults, chain, renamed)
     try:
         return merge_config(config, loaded, defaults=defaults)
     except ValueError as err:  # name the file: with _base_ chains the key may be in any of them
         raise ValueError(f"config file {str(path)!r}: {err}") from None
 
 
+def rename_keys(config: dict[str, Any], renamed: dict[str, str], where: str) -> dict[str, Any]:
+    """``config`` (nested) with deprecated dotted keys moved to their new names, each with a FutureWarning."""
+    config = copy.deepcopy(config)
+    for old, new in renamed.items():
+        *old_sections, old_leaf = old.split(".")
+        node = config
+        for section in old_sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_leaf not in node:
+            continue
+        value = node.pop(old_leaf)
+        warnings.warn(f"{where}: {_deprecation(old, new)}", FutureWarning, stacklevel=3)
+        if new is None:
+            continue
+        *sections, leaf = new.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[leaf] = value
+    return config
+
+
+def _deprecation(old: str, new: str | None) -> str:
+    if new is None:  # a key with no successor: its behaviour is now the rule
+        return f"config key {old!r} is deprecated and ignored; remove it (it is refused from the next release)"
+    return f"config key {old!r} is deprecated; use {new!r} (the old name is refused from the next release)"
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
-                defaults: dict[str, Any] = DEFAULT_CONFIG) -> dict[str, Any]:
+                defaults: dict[str, Any] | None = None, validate: Callable[[dict], dict] | None = None,
+                renamed: dict[str, str | None] | None = None) -> dict[str, Any]:
     """``defaults``, updated by the YAML file at ``path`` (optional; with the files it extends through
-    ``_base_``), then by ``overrides``. Configs of :data:`DEFAULT_CONFIG` are then checked by
-    :func:`validate_config`."""
+    ``_base_``), then by ``overrides``, then checked by ``validate`` (which returns the config).
+
+    With no ``defaults``, classification's schema and validation are used. ``renamed`` maps deprecated dotted keys
+    to their new names (None: dropped), in the file and the overrides alike, with a FutureWarning each.
+    """
+    if defaults is None:
+        from .engine.schema import DEFAULT_CONFIG, validate_config
+
+        defaults, validate = DEFAULT_CONFIG, validate or validate_config
     config = copy.deepcopy(defaults)
     if path is not None:
-        config = _merge_file(config, Path(path), defaults)
-    config = apply_overrides(config, list(overrides or []), defaults)
-    return validate_config(config) if defaults is DEFAULT_CONFIG else config
+        config = _merge_file(config, Path(path), defaults, renamed=renamed or {})
+    config = apply_overrides(config, rename_overrides(overrides or [], renamed or {}), defaults)
+    return validate(config) if validate is not None else config
+
+
+def rename_overrides(overrides: list[str], renamed: dict[str, str | None]) -> list[str]:
+    """``key=value`` strings with deprecated keys moved to their new names (or dropped), a FutureWarning each."""
+    result = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        new = renamed.get(key.strip(), key.strip()) if sep else key
+        if sep and key.strip() in renamed:
+            warnings.warn(f"override {item!r}: {_deprecation(key.strip(), new)}", FutureWarning, stacklevel=3)
+        if new is not None:
+            result.append(f"{new}={text}" if sep else item)
+    return result
 
 
 def dump_config(config: dict[str, Any]) -> str:

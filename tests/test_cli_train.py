@@ -13,7 +13,8 @@ def cifar_root(tmp_path, monkeypatch):
 
 def test_train_prints_labelled_result_table_and_eval_agrees(cifar_root, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("model:\n  name: resnet20\n  norm: bhn\ntrain:\n  epochs: 1\n  batch_size: 8\n")
+    config.write_text("model:\n  name: resnet20\n  norm: bhn\ntrain:\n  epochs: 1\n  batch_size: 8\n"
+                      "optim:\n  milestones: []\n")
     out = tmp_path / "run"
     code = main(["train", "-c", str(config), "--quiet", "data.dataset=cifar10", f"data.root={cifar_root}",
                  "data.workers=0", "data.download=false", "train.device=cpu", "train.threads=1",

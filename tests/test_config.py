@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from hypernorm.config import DEFAULT_CONFIG, flatten, load_config, parse_overrides
+from hypernorm.config import flatten, load_config, parse_overrides
+from hypernorm.engine.schema import DEFAULT_CONFIG, resolve_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
 REQUIRED = ["model.name", "model.norm", "data.dataset", "data.root", "data.train_subset", "data.workers",
@@ -40,15 +41,61 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=ten", "expects a int"),
     ("train.amp=1", "expects a bool"),
-    ("optim.sched=linear", "must be one of step, cosine"),
+    ("optim.sched=linear", "'optim.sched' expects one of step, cosine, got 'linear'"),
     ("optim.lr", "not of the form section.key=value"),
     ("train=3", "is a section"),
-    ("train.batch_size=0", "must be positive"),
+    ("train.batch_size=0", "'train.batch_size' expects a positive int, got 0"),
     ("optim.milestones=[5, 2]", "increasing"),
+    ("optim.milestones=[5, 2", r"override 'optim.milestones=\[5, 2' is not valid YAML"),
+    ("optim.milestones=[81, 200]", r"'optim.milestones' expects epochs before the last \(train.epochs=164\)"),
+    ("optim.lr=-0.1", "'optim.lr' expects a positive learning rate, got -0.1"),
+    ("optim.momentum=1.5", r"'optim.momentum' expects a number in \[0, 1\), got 1.5"),
+    ("optim.nesterov=true;optim.momentum=0", "'optim.nesterov' expects false when optim.momentum is 0"),
+    ("optim.min_lr=0.5", r"'optim.min_lr' expects a number in \[0, optim.lr=0.1\]"),
+    ("optim.warmup_epochs=200", r"'optim.warmup_epochs' expects a number of epochs in \[0, train.epochs=164\]"),
+    ("optim.label_smoothing=1", r"'optim.label_smoothing' expects a number in \[0, 1\)"),
+    ("optim.gamma=0", "'optim.gamma' expects a number in"),
+    ("model.name=resnet999", "'model.name' expects one of resnet101, "),
+    ("model.norm=batchnorm", "'model.norm' expects one of bn, "),
+    ("model.num_classes=1", "'model.num_classes' expects an int >= 2 or null .*, got 1"),
+    ("model.num_classes=ten", "'model.num_classes' expects an int >= 2 or null .*, got 'ten'"),
+    ("data.dataset=mnist", "'data.dataset' expects one of cifar100, cifar10, imagenet"),
+    ("data.root=5", "'data.root' expects a folder path or null, got 5"),
+    ("data.train_subset=0", "'data.train_subset' expects a positive int or null, got 0"),
+    ("data.test_batch_size=1.5", "'data.test_batch_size' expects a positive int or null"),
+    ("data.image_size=-3", "'data.image_size' expects a positive int or null"),
+    ("data.workers=-1", "'data.workers' expects an int >= 0"),
+    ("train.device=tpu", "'train.device' expects one of auto, cpu, cuda"),
+    ("train.threads=0", "'train.threads' expects a positive int or null"),
+    ("train.grad_clip=-1", "'train.grad_clip' expects a positive number or null"),
+    ("train.grad_clip=big", "'train.grad_clip' expects a positive number or null, got 'big'"),
+    ("train.seed=-1", "'train.seed' expects an int >= 0"),
+    ("train.eval_every=0", "'train.eval_every' expects a positive int"),
+    ("output.dir=''", "'output.dir' expects a folder path"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(";"))
+
+
+def test_resolve_config_fills_defaults_and_validates():
+    resolved = resolve_config({"optim": {"lr": 0.05}})
+    assert resolved == load_config(None, ["optim.lr=0.05"])
+    with pytest.raises(ValueError, match="'optim.lr' expects a positive learning rate"):
+        resolve_config({"optim": {"lr": 0}})
+
+
+def test_validate_is_the_callers_choice():
+    defaults = {"run": {"steps": 3}}
+
+    def at_most_five(config):
+        if config["run"]["steps"] > 5:
+            raise ValueError("config key 'run.steps' expects at most 5")
+        return config
+
+    assert load_config(None, ["run.steps=9"], defaults=defaults) == {"run": {"steps": 9}}  # no validation given
+    with pytest.raises(ValueError, match="at most 5"):
+        load_config(None, ["run.steps=9"], defaults=defaults, validate=at_most_five)
 
 
 def test_bad_config_files(tmp_path):
@@ -67,10 +114,10 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "root.yaml").write_text("model:\n  norm: gn\n  name: resnet56\noptim:\n  lr: 0.2\n")
     (tmp_path / "sub" / "mid.yaml").write_text("_base_: ../root.yaml\nmodel:\n  norm: bhn\n")
     (tmp_path / "sub" / "leaf.yaml").write_text("_base_: mid.yaml\noptim:\n  lr: 0.05\n")
-    config = load_config(tmp_path / "sub" / "leaf.yaml", ["train.epochs=3"])
+    config = load_config(tmp_path / "sub" / "leaf.yaml", ["train.epochs=130"])
     # each file overrides the one it extends key by key; paths are relative to the extending file
     assert config["model"] == {**DEFAULT_CONFIG["model"], "name": "resnet56", "norm": "bhn"}
-    assert config["optim"]["lr"] == 0.05 and config["train"]["epochs"] == 3
+    assert config["optim"]["lr"] == 0.05 and config["train"]["epochs"] == 130
     (tmp_path / "typo.yaml").write_text("_base_: root.yaml\nmodel:\n  nrom: bn\n")
     with pytest.raises(ValueError, match=r"typo.yaml.*unknown config key 'model.nrom'; valid keys: .*model\.norm"):
         load_config(tmp_path / "typo.yaml")
@@ -108,14 +155,15 @@ def test_parse_overrides_nests_and_checks():
         parse_overrides(["model.nrom=bhn"])
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")
 @pytest.mark.parametrize("path", CONFIGS, ids=[f"{p.parent.name}/{p.name}" for p in CONFIGS])
 def test_shipped_configs_load(path):
     """Each shipped file loads with the defaults of what it configures, so every key in it is checked."""
     if path.parent.name == "detection":
-        from hypernorm.detection import DEFAULT_DETECTION_CONFIG
+        from hypernorm.detection.schema import load_detection_config
 
-        config = load_config(path, defaults=DEFAULT_DETECTION_CONFIG)
-        assert config["train"]["output"] == f"runs/detection/{path.stem}"
+        config = load_detection_config(path)  # old key names would warn, and warnings are errors here
+        assert config["output"]["dir"] == f"runs/detection/{path.stem}"
         if path.stem.startswith("faster_rcnn_r50_fpn_1x_"):  # one Table 2 row: <backbone norm>_<neck norm>
             norms = path.stem.removeprefix("faster_rcnn_r50_fpn_1x_").split("_")
             assert [config["model"]["backbone_norm"], config["model"]["neck_norm"]] == norms

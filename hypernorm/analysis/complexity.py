@@ -14,12 +14,12 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from typing import TYPE_CHECKING
 
-from ..models import create_model, list_models, model_info
-from ..nn import HyperNorm, is_norm, norm_names
+if TYPE_CHECKING:
+    from torch import nn
+# torch and the model zoo are imported inside the functions: the ``hypernorm`` command builds this module's
+# parser without loading torch.
 
 __all__ = ["Complexity", "complexity", "affine_norm_channels", "format_count", "measure", "TABLE3", "table3_report",
            "add_parser"]
@@ -56,7 +56,6 @@ def _input_shape(input_size: int | Sequence[int]) -> tuple[int, int, int]:
     return size  # type: ignore[return-value]
 
 
-@torch.no_grad()
 def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Complexity:
     """Parameters and multiply-adds of one forward pass of a single ``input_size`` image (S, (H, W) or
     (C, H, W)), in eval mode. The input lives on the model's device: a model built under
@@ -64,6 +63,11 @@ def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Compl
 
     HyperNorm layers are counted on their reference path, the arithmetic of the paper's equations: the fast
     path multiplies a block-diagonal weight whose zero blocks would otherwise add to the count."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ..nn import HyperNorm
+
     shape = _input_shape(input_size)
     tensor = next(model.parameters(), None)
     if tensor is None:
@@ -77,7 +81,7 @@ def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Compl
         for layer in fused:
             layer.fused = False
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, torch.no_grad():
             model(x)
     finally:
         for module, training in modes.items():
@@ -95,6 +99,8 @@ def complexity(model: nn.Module, input_size: int | Sequence[int] = 224) -> Compl
 
 def affine_norm_channels(model: nn.Module) -> int:
     """Channels of the norm layers that carry a learned affine (HyperNorm's standardizers carry none)."""
+    from ..nn import HyperNorm, is_norm
+
     return sum(m.weight.numel() for m in model.modules()
                if is_norm(m) and not isinstance(m, HyperNorm) and getattr(m, "weight", None) is not None)
 
@@ -152,12 +158,18 @@ class Row:
 
 
 def _build(name: str, norm: str, num_classes: int | None) -> nn.Module:
+    import torch
+
+    from ..models import create_model
+
     with torch.device("meta"):  # shapes only: no memory for weights, no arithmetic
         return create_model(name, norm, num_classes=num_classes)
 
 
 def measure(models: Sequence[str], norms: Sequence[str], input_size: int | None = None,
             num_classes: int | None = None) -> list[Row]:
+    from ..models import model_info
+
     rows = []
     for name in models:
         info = model_info(name)
@@ -246,6 +258,9 @@ def table3_report(rows: list[Row]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ..models import model_info
+    from ..nn import norm_names
+
     models = args.model or list(TABLE3)
     for name in models:
         model_info(name)  # unknown names: an error listing the valid ones
@@ -267,7 +282,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "in seconds.",
     )
     parser.add_argument("-m", "--model", nargs="+", metavar="NAME",
-                        help=f"models (default: Table 3's); any of {', '.join(list_models())}")
+                        help="models (default: Table 3's); any name of hypernorm.list_models() (an unknown name "
+                             "lists them)")
     parser.add_argument("-n", "--norm", nargs="+", metavar="NORM", help="norms (default: bn bhn)")
     parser.add_argument("-s", "--input-size", type=int, default=None,
                         help="square input resolution (default: each model's own, 224 or 32)")

@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["atomic_write", "save_checkpoint", "load_checkpoint", "read_checkpoint", "rng_state", "set_rng_state"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -21,6 +27,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a run folder's files are for others to read too
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -36,7 +43,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def read_checkpoint(path: str | os.PathLike) -> tuple[Path, Any]:
+    """The object saved at ``path`` (or ``path/checkpoint.pt`` for a run folder), loaded with weights_only."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -44,9 +52,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; pass a checkpoint.pt or its run folder")
     try:
         # weights_only: a checkpoint holds tensors, numbers, strings and RNG states only
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a hypernorm checkpoint ({err})") from None
+        return path, torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is corrupt, truncated or not a hypernorm checkpoint "
+                         f"({first_line})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's checkpoint (a dict with model and config), or a one-line error naming the file."""
+    path, state = read_checkpoint(path)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"checkpoint {str(path)!r} is not a hypernorm checkpoint (no model/config entries)")
     return state

@@ -1,14 +1,15 @@
 """Process-group setup for torchrun (gloo on CPU, NCCL on CUDA) and the few collectives the engine needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "setup_distributed", "all_reduce_sum", "all_gather_object", "barrier"]
+__all__ = ["DistEnv", "setup_distributed", "process_group", "all_reduce_sum", "all_gather_object", "barrier"]
 
 
 @dataclass
@@ -48,6 +49,18 @@ def setup_distributed(device: str = "auto") -> DistEnv:
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world_size, local_rank, torch_device, owns_group)
+
+
+@contextlib.contextmanager
+def process_group(device: str = "auto") -> Iterator[DistEnv]:
+    """The process group for one call (train, evaluate, detection alike): joined here, and destroyed on the way out
+    if this call created it; a group the caller opened stays open."""
+    env = setup_distributed(device)
+    try:
+        yield env
+    finally:
+        if env.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:

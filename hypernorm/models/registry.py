@@ -7,6 +7,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..nn import convert, get_norm_layer, split_norm_name
+from .external import create_external_model, is_external
 
 __all__ = ["register_model", "create_model", "list_models", "model_info", "ModelInfo"]
 
@@ -43,7 +44,8 @@ def model_info(name: str) -> ModelInfo:
     try:
         return _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}, or any "
+                         "'timm/<name>' or 'torchvision/<name>'") from None
 
 
 def create_model(name: str, norm: str = "bn", num_classes: int | None = None, **kwargs: Any) -> nn.Module:
@@ -51,7 +53,11 @@ def create_model(name: str, norm: str = "bn", num_classes: int | None = None, **
 
     A HyperNorm name ("bhn", "ghn", "syncbhn", ...) builds the network with the base norm ("bn", "gn",
     "syncbn", ...) and converts one norm per building block to the relayed HyperNorm, as in the paper.
+    "timm/<name>" and "torchvision/<name>" build that library's model with random weights (see
+    :func:`hypernorm.models.external.create_external_model`; there ``norm`` may also be "hn").
     """
+    if is_external(name):
+        return create_external_model(name, norm, 1000 if num_classes is None else num_classes, **kwargs)
     info = model_info(name)
     base, hyper = split_norm_name(norm)
     model = info.builder(norm_layer=get_norm_layer(base),

@@ -1,5 +1,5 @@
 """The layers: trimmed meta LSTM, stage relay, HyperNorm, norm factory and model conversion."""
-from .convert import convert, find_stages
+from .convert import ConversionPlan, StagePlan, convert, explain, find_stages
 from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name
 from .hypernorm import HyperNorm, StageRelay, set_fused, share_relay
 from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
@@ -11,7 +11,9 @@ from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
 __all__ = [
     "BottleneckMLP",
     "CPUSyncBatchNorm",
+    "ConversionPlan",
     "HyperNorm",
+    "StagePlan",
     "StageRelay",
     "SwitchableNorm2d",
     "TrimmedLSTMCell",
@@ -20,6 +22,7 @@ __all__ = [
     "copy_norm_state",
     "create_base_norm",
     "create_norm_layer",
+    "explain",
     "find_stages",
     "get_norm_layer",
     "is_norm",

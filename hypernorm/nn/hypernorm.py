@@ -40,6 +40,8 @@ class HyperNorm(nn.Module):
             module without affine parameters (its running statistics and train/eval behaviour are kept).
         reduction: bottleneck ratio r of the LSTM's gate maps, Linear(C, C/r) -> ReLU -> Linear(C/r, 4C).
         name: shown in error messages; :func:`hypernorm.convert` sets the qualified module name.
+        channels_last: the input is (N, ..., C), channels last (ConvNeXt, Swin) or tokens (ViT), and ``norm``
+            normalizes its last dim (a LayerNorm): GAP is the mean over the dims between N and C.
 
     A layer built alone owns a private LSTM and starts from zero state on every call. :func:`share_relay`
     makes the layers of one stage share one LSTM and relay its state.
@@ -51,6 +53,7 @@ class HyperNorm(nn.Module):
         norm: str | nn.Module = "bn",
         reduction: int = 4,
         name: str = "",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(norm, str):
@@ -63,6 +66,7 @@ class HyperNorm(nn.Module):
         self.relay = StageRelay(num_features, reduction)
         self.starts_stage = True
         self.ends_stage = True
+        self.channels_last = channels_last
 
     # False selects the reference path (standardizer module, then the affine), e.g. for comparisons.
     fused: bool = True
@@ -81,10 +85,10 @@ class HyperNorm(nn.Module):
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self.name}: expected input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}"
-            )
+        if (x.dim() < 3 or x.shape[-1] != self.num_features) if self.channels_last else \
+                (x.dim() != 4 or x.shape[1] != self.num_features):
+            shape = f"(N, ..., {self.num_features})" if self.channels_last else f"(N, {self.num_features}, H, W)"
+            raise ValueError(f"{self.name}: expected input of shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
         dtype = next(self.relay.cell.parameters()).dtype
@@ -95,6 +99,10 @@ class HyperNorm(nn.Module):
     def _forward_path(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:  # as torch's norms: an empty output, running statistics untouched
             return x.clone()
+        if self.channels_last:  # the standardizer's own kernel (a LayerNorm), then the affine over the last dim
+            h, c = self._lstm_step(x.mean(dim=tuple(range(1, x.dim() - 1))))
+            shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.num_features,)
+            return torch.addcmul(c.view(shape), self.norm(x), h.view(shape))
         if not self.fused:
             return self._forward_reference(x)
         if fused_kernels.can_fuse(self.norm) and not fused_kernels.small_eager_training(x):

@@ -1,10 +1,12 @@
 """Registry of the plain normalization layers that HyperNorm wraps, keyed by short names."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 
 from .replace import copy_norm_state
 from .sync_batchnorm import CPUSyncBatchNorm
@@ -17,6 +19,8 @@ __all__ = [
     "is_norm",
     "standardizer_like",
     "gn_groups",
+    "norm_width",
+    "normalizes_last_dim",
 ]
 
 NormBuilder = Callable[[int, bool], nn.Module]  # (num_features, affine) -> layer
@@ -69,12 +73,30 @@ def is_norm(module: nn.Module) -> bool:
     return isinstance(module, tuple(_TYPES.values()) + (nn.LayerNorm,))
 
 
-def standardizer_like(norm: nn.Module) -> nn.Module:
-    """A copy of ``norm`` without affine parameters, keeping its running statistics."""
+def standardizer_like(norm: nn.Module, check_only: bool = False) -> nn.Module | None:
+    """A copy of ``norm`` without affine parameters, keeping its running statistics (with ``check_only``:
+    None, having checked that such a copy can be made)."""
     for cls in type(norm).__mro__:
         if cls in _STRIP_AFFINE:
-            return _STRIP_AFFINE[cls](norm)
+            return None if check_only else _STRIP_AFFINE[cls](norm)
     raise TypeError(f"HyperNorm cannot wrap {type(norm).__name__}: no affine-free copy is registered for it")
+
+
+def norm_width(norm: nn.Module) -> int:
+    """The channel count C that ``norm`` normalizes."""
+    for attr in ("num_features", "num_channels"):
+        if hasattr(norm, attr):
+            return int(getattr(norm, attr))
+    if isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1:
+        return int(norm.normalized_shape[0])
+    raise ValueError(f"cannot tell the channel count of {type(norm).__name__}"
+                     + (f" over {tuple(norm.normalized_shape)}" if isinstance(norm, nn.LayerNorm) else ""))
+
+
+def normalizes_last_dim(norm: nn.Module) -> bool:
+    """True for a LayerNorm over the last dim of (N, ..., C): channels-last maps (ConvNeXt, Swin) or tokens
+    (ViT). The LayerNorm2d classes of torchvision and timm take (N, C, H, W) like the other norms."""
+    return isinstance(norm, nn.LayerNorm) and not type(norm).__name__.endswith("2d")
 
 
 def gn_groups(num_features: int, max_groups: int = 32) -> int:
@@ -87,11 +109,22 @@ def _strip_norm_base(norm: nn.modules.batchnorm._NormBase) -> nn.Module:
                   track_running_stats=norm.track_running_stats)
     if hasattr(norm, "process_group"):  # SyncBatchNorm, CPUSyncBatchNorm
         kwargs["process_group"] = norm.process_group
-    return copy_norm_state(norm, type(norm)(norm.num_features, **kwargs))
+    # the registered class, not a subclass such as timm's BatchNormAct2d (whose activation convert() keeps)
+    cls = next(c for c in type(norm).__mro__ if c in _STRIP_AFFINE)
+    return copy_norm_state(norm, cls(norm.num_features, **kwargs))
 
 
 def _strip_groupnorm(norm: nn.GroupNorm) -> nn.Module:
     return nn.GroupNorm(norm.num_groups, norm.num_channels, eps=norm.eps, affine=False)
+
+
+def _strip_layernorm(norm: nn.LayerNorm) -> nn.Module:
+    """A copy of any LayerNorm (channels-last, tokens, or a LayerNorm2d subclass) without its affine."""
+    stripped = copy.deepcopy(norm)
+    stripped.register_parameter("weight", None)
+    stripped.register_parameter("bias", None)
+    stripped.elementwise_affine = False
+    return stripped
 
 
 register_norm("bn", nn.BatchNorm2d, lambda c, affine: nn.BatchNorm2d(c, affine=affine), _strip_norm_base)
@@ -102,3 +135,6 @@ register_norm("gn", nn.GroupNorm, lambda c, affine: nn.GroupNorm(gn_groups(c), c
 # Layer norm over (C, H, W) for feature maps is GroupNorm with one group.
 register_norm("ln", nn.GroupNorm, lambda c, affine: nn.GroupNorm(1, c, affine=affine))
 register_norm("in", nn.InstanceNorm2d, lambda c, affine: nn.InstanceNorm2d(c, affine=affine), _strip_norm_base)
+# Layer norm over the channels only, at every position (ConvNeXt's): torchvision's LayerNorm2d on (N, C, H, W).
+register_norm("cln", LayerNorm2d, lambda c, affine: LayerNorm2d(c, eps=1e-6, elementwise_affine=affine), _strip_layernorm)
+_STRIP_AFFINE[nn.LayerNorm] = _strip_layernorm  # channels-last and token LayerNorms, kept as they are

@@ -59,6 +59,6 @@ def tiny_config_overrides(image_dir: str, ann_file: str, output: str) -> list[st
         "box_score_thresh: 0.0}",
         f"data.train_images={image_dir}", f"data.train_ann={ann_file}",
         f"data.val_images={image_dir}", f"data.val_ann={ann_file}", "data.workers=0",
-        "train.epochs=1", "train.batch_size=2", "train.lr=0.01", "train.lr_batch=2", "train.warmup_iters=2",
-        "train.max_iters=2", "train.device=cpu", "train.log_every=1", f"train.output={output}",
+        "train.epochs=1", "train.batch_size=2", "optim.lr=0.01", "optim.lr_batch=2", "optim.warmup_iters=2",
+        "optim.milestones=[]", "train.max_iters=2", "train.device=cpu", "train.threads=1", f"output.dir={output}",
     ]

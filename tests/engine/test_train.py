@@ -8,7 +8,8 @@ import torch
 
 from hypernorm.engine import checkpoint as checkpoint_module
 from hypernorm.engine import evaluate_checkpoint, load_checkpoint, lr_factor, train
-from hypernorm.engine.trainer import METRIC_FIELDS, _Run
+from hypernorm.engine.loop import _Fit
+from hypernorm.engine.trainer import METRIC_FIELDS
 from tests.data.cifar_fixture import tiny_config
 
 
@@ -36,7 +37,7 @@ def test_kill_and_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch)
                    optim={"warmup_epochs": 1, "label_smoothing": 0.1})
     train(tiny_config(cifar_root, tmp_path / "straight", **options), quiet=True)
 
-    real_save, saves = _Run._save, []
+    real_save, saves = _Fit._save, []
 
     def save_then_die(self, *args, **kwargs):
         real_save(self, *args, **kwargs)
@@ -44,10 +45,10 @@ def test_kill_and_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch)
         if len(saves) == 2:
             raise KeyboardInterrupt  # killed right after the epoch-2 checkpoint
 
-    monkeypatch.setattr(_Run, "_save", save_then_die)
+    monkeypatch.setattr(_Fit, "_save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(cifar_root, tmp_path / "resumed", **options), quiet=True)
-    monkeypatch.setattr(_Run, "_save", real_save)
+    monkeypatch.setattr(_Fit, "_save", real_save)
     assert load_checkpoint(tmp_path / "resumed")["epoch"] == 2
     torch.manual_seed(1234)  # a fresh process would not share the killed one's RNG state
     train(tiny_config(cifar_root, tmp_path / "resumed", **options), quiet=True)
@@ -84,7 +85,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="corrupt or not a hypernorm checkpoint"):
+    with pytest.raises(ValueError, match="corrupt, truncated or not a hypernorm checkpoint"):
         load_checkpoint(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing.pt")

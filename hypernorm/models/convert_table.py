@@ -1,0 +1,109 @@
+"""The table of docs/convert.md: :func:`hypernorm.convert` on today's torchvision and timm families, each
+built with random weights, converted with ``norm="hn"`` and checked for batch independence in eval."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.checkpoint import atomic_write
+from ..nn import convert, explain
+from .external import convert_defaults, create_external_model
+
+__all__ = ["FAMILIES", "FamilyRow", "family_rows", "markdown_table", "write_table"]
+
+# (model, constructor arguments, input size[, convert arguments]): small inputs keep the check fast, the ViTs
+# are built for them; without convert arguments, norm="hn" and the family's defaults (convert_defaults)
+FAMILIES: list[tuple] = [
+    ("torchvision/resnet50", {}, 32),
+    ("torchvision/resnext50_32x4d", {}, 32),
+    ("torchvision/mobilenet_v2", {}, 32),
+    ("torchvision/mobilenet_v3_small", {}, 32),
+    ("torchvision/efficientnet_b0", {}, 32),
+    ("torchvision/regnet_y_400mf", {}, 32),
+    ("torchvision/convnext_tiny", {}, 32),
+    ("torchvision/densenet121", {}, 32),
+    ("torchvision/densenet121", {}, 32, {"norm": "hn", "norm_index": 0}),  # its first norms grow: refused
+    ("torchvision/vit_b_16", {"image_size": 32}, 32),
+    ("torchvision/vit_b_16", {"image_size": 32}, 32, {"norm": "bhn"}),  # BN cannot serve tokens: refused
+    ("torchvision/swin_t", {}, 32),
+    ("torchvision/shufflenet_v2_x1_0", {}, 32),
+    ("timm/resnet50", {}, 32),
+    ("timm/efficientnet_b0", {}, 32),
+    ("timm/regnety_002", {}, 32),
+    ("timm/convnext_atto", {}, 32),
+    ("timm/vit_tiny_patch16_224", {"img_size": 32}, 32),
+]
+
+TABLE_START, TABLE_END = "<!-- convert-table: start -->", "<!-- convert-table: end -->"
+
+
+@dataclass
+class FamilyRow:
+    model: str
+    options: dict[str, Any]  # convert()'s arguments, norm included
+    refused: str  # the reason, or "" when converted
+    stages: list[str] = field(default_factory=list)  # their names, as the plan prints them
+    hn_layers: int = 0
+    skipped: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    batch_independent: bool | None = None  # a sample's eval output alone equals it within a batch of 3
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, Any] | None = None,
+               num_classes: int = 10) -> FamilyRow:
+    torch.manual_seed(0)
+    options = {"norm": "hn", **convert_defaults(name)} if options is None else options
+    model = create_external_model(name, "bn", num_classes, **kwargs)
+    before = _n_params(model)
+    try:
+        plan = explain(model, **options)
+    except ValueError as err:
+        return FamilyRow(name, options, str(err).removeprefix("convert(): "), params_before=before)
+    convert(model, **options)
+    model.train()
+    x = torch.randn(3, 3, size, size)
+    model(x).sum().backward()  # a training step runs; it also moves the running statistics
+    model.eval()
+    with torch.no_grad():
+        independent = torch.allclose(model(x)[1:2], model(x[1:2]), rtol=1e-4, atol=1e-5)
+    return FamilyRow(name, options, "", [stage.name for stage in plan.stages], plan.hn_layers, len(plan.skipped), before,
+                     _n_params(model), independent)
+
+
+def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
+    return [family_row(*family) for family in FAMILIES if names is None or family[0] in names]
+
+
+def markdown_table(rows: list[FamilyRow]) -> str:
+    lines = ["| model | convert arguments | result | stages found | HN layers | blocks left out | params before | params after "
+             "| eval batch-independent |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        options = ", ".join(f"{k}={v!r}" for k, v in r.options.items())
+        if r.refused:
+            lines.append(f"| {r.model} | {options} | refused: {r.refused} | | | | {r.params_before:,} | | |")
+            continue
+        check = {True: "yes", False: "NO", None: "-"}[r.batch_independent]
+        lines.append(f"| {r.model} | {options} | converted | {len(r.stages)}: {', '.join(r.stages)} | {r.hn_layers} | {r.skipped} | "
+                     f"{r.params_before:,} | {r.params_after:,} | {check} |")
+    return "\n".join(lines)
+
+
+def write_table(path: str | Path, rows: list[FamilyRow]) -> None:
+    """Put the table between the convert-table markers of ``path``; the text around them stays."""
+    path = Path(path)
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise ValueError(f"{path} has no '{TABLE_START}' ... '{TABLE_END}' markers to put the table between")
+    body = f"{TABLE_START}\n{markdown_table(rows)}\n{TABLE_END}"
+    text = re.sub(re.escape(TABLE_START) + ".*?" + re.escape(TABLE_END), lambda _: body, text, flags=re.S)
+    atomic_write(path, lambda f: f.write(text.encode()))
