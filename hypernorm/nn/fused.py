@@ -61,8 +61,8 @@ def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> tor
 
     Eager CPU float: :func:`_direct_standardize_affine` (no shifted copy of x) wherever the mean is within
     FAR_MEAN_OVER_STD of the spread; elsewhere, on CUDA and under compile the shifted form below."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() \
-            and not torch.compiler.is_compiling():
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() \
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         y = _direct_standardize_affine(norm, x, lstm_step)
         if y is not None:
             return y
@@ -230,12 +230,14 @@ class _DirectAffine(torch.autograd.Function):
         x, h, scale, mean, invstd = ctx.saved_tensors
         N, C, H, W = x.shape
         ctx.link.grad_input = torch.empty_like(x)  # before the small temporaries, as the forward's output
-        grad = grad.contiguous()
-        # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x) and sum(grad) in one pass
-        zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
-        _, grad_xscale, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad.view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None, False, 0.0,
-            [False, True, True])
+        if x.is_contiguous():
+            # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x), sum(grad), one pass
+            zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
+            _, grad_xscale, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad.contiguous().view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None,
+                False, 0.0, [False, True, True])
+        else:  # channels-last: (N, C) sums over the middle of each sample's (HW, C) block
+            grad_xscale, grad_bias = (grad * x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
         grad_bias = grad_bias.view(N, C)
         grad_scale = torch.addcmul(grad_xscale.view(N, C), mean, grad_bias, value=-1)
         ctx.link.grad, ctx.link.scale = grad, scale
