@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .runtime import configure_cpu
+
+    configure_cpu()  # allocator thresholds, OpenMP wait policy, threads: for every command, before torch loads
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, OSError) as err:  # bad input (values, files): one clear line, no traceback
