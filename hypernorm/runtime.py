@@ -47,14 +47,18 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads() -> int:
-    """torch threads for one training process: the usable cores that no other process keeps busy (the
-    one-minute load average, which counts runnable processes), and 1 on machines of two cores or fewer.
+def choose_threads(passive_wait: bool = False) -> int:
+    """torch threads for one training process.
 
-    Threads of one parallel region wait for each other: where another process holds a core, the region
-    waits on a descheduled thread, and a step took 12x its time alone in the run issue 14 reports. On the
-    2-core machines measured (docs/performance.md) one thread was also faster alone."""
+    Threads of one parallel region wait for each other at its end. With OpenMP's default policy the
+    waiting threads spin: where another process holds a core, the region waits on a descheduled thread
+    while its partner burns the other core (a step took 12x its time alone in the run issue 14 reports,
+    2.7x in benchmarks/contention.py). Sleeping waiters (``passive_wait``, OMP_WAIT_POLICY=PASSIVE read
+    when torch loaded) do not collapse: then every usable core. Otherwise 1 thread on machines of two
+    cores or fewer, and elsewhere the cores the one-minute load average leaves idle."""
     cores = usable_cores()
+    if passive_wait:
+        return cores
     if cores <= 2:
         return 1
     try:
@@ -68,7 +72,8 @@ def configure_cpu(threads: int | str | None = "auto", allocator: bool = True,
                   wait_policy: str | None = "PASSIVE") -> dict:
     """Apply the CPU settings hypernorm's commands use; returns what was set.
 
-    threads: "auto" (:func:`choose_threads`, unless OMP_NUM_THREADS is set), a positive int, or None to
+    threads: "auto" (:func:`choose_threads`, unless OMP_NUM_THREADS is set: every usable core where the
+        PASSIVE wait policy is in effect, else 1 on small machines), a positive int, or None to
         leave torch's choice. Before torch loads it goes to OMP_NUM_THREADS, so processes started later
         (data loader workers, grid workers) inherit it; after, to ``torch.set_num_threads``.
     allocator: raise glibc's mmap/trim thresholds (:func:`set_allocator_thresholds`).
@@ -82,6 +87,9 @@ def configure_cpu(threads: int | str | None = "auto", allocator: bool = True,
     if wait_policy is not None and (not isinstance(wait_policy, str) or wait_policy.upper() not in ("PASSIVE", "ACTIVE")):
         raise ValueError(f"wait_policy: expected 'PASSIVE', 'ACTIVE' or None, got {wait_policy!r}")
     applied: dict = {}
+    # the policy the OpenMP runtime reads when torch loads: this call's only if torch has not loaded yet
+    passive_wait = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or (
+        wait_policy is not None and wait_policy.upper() == "PASSIVE" and "torch" not in sys.modules)
     if wait_policy is not None:
         os.environ.setdefault("OMP_WAIT_POLICY", wait_policy.upper())
         applied["omp_wait_policy"] = os.environ["OMP_WAIT_POLICY"]
@@ -89,7 +97,7 @@ def configure_cpu(threads: int | str | None = "auto", allocator: bool = True,
         applied["allocator_thresholds"] = set_allocator_thresholds()
     if threads is not None:
         if not (threads == "auto" and os.environ.get("OMP_NUM_THREADS")):  # else the user's own choice stands
-            applied["threads"] = count = choose_threads() if threads == "auto" else threads
+            applied["threads"] = count = choose_threads(passive_wait) if threads == "auto" else threads
             if "torch" in sys.modules:
                 sys.modules["torch"].set_num_threads(count)
             else:  # read by torch (and by OpenMP) when it loads, here and in the processes this one starts

@@ -48,10 +48,17 @@ def test_after_torch_loads_the_thread_count_is_set_directly():
 
 
 @pytest.mark.parametrize("cores, load, expected", [(1, 0.0, 1), (2, 0.0, 1), (16, 3.4, 13), (4, 9.0, 1), (8, 0.2, 8)])
-def test_choose_threads_leaves_busy_cores(monkeypatch, cores, load, expected):
+def test_choose_threads_leaves_busy_cores_where_waiters_spin(monkeypatch, cores, load, expected):
     monkeypatch.setattr(runtime, "usable_cores", lambda: cores)
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, load, load))
     assert runtime.choose_threads() == expected
+    assert runtime.choose_threads(passive_wait=True) == cores  # sleeping waiters: every core
+
+
+def test_passive_wait_counts_only_before_torch_loads():
+    code = "import hypernorm.runtime as r; r.usable_cores = lambda: 2; print(r.configure_cpu()['threads'])"
+    assert run_python(code) == "2"  # PASSIVE reaches the OpenMP runtime: both cores
+    assert run_python("import torch; " + code) == "1"  # OpenMP already started with its default policy
 
 
 @pytest.mark.parametrize("kwargs, message", [
