@@ -57,7 +57,8 @@ def worker(args: argparse.Namespace) -> dict:
         optimizer.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    return {"threads": torch.get_num_threads(), "step_s": statistics.median(times), "mean_step_s": sum(times) / len(times)}
+    return {"threads": torch.get_num_threads(), "step_s": statistics.median(times),
+            "mean_step_s": sum(times) / len(times)}
 
 
 def run_worker(args: argparse.Namespace, norm: str, env: dict, configure: bool) -> dict:
@@ -92,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.settings:
             env, configure = SETTINGS[name]
             alone = run_worker(args, norm, env, configure)
-            busy = subprocess.Popen([sys.executable, "-c", BUSY[args.busy]],
-                                    env={k: v for k, v in os.environ.items() if k not in CLEAN} | {"OMP_NUM_THREADS": "1"})
+            busy_env = {k: v for k, v in os.environ.items() if k not in CLEAN} | {"OMP_NUM_THREADS": "1"}
+            busy = subprocess.Popen([sys.executable, "-c", BUSY[args.busy]], env=busy_env)
             try:
                 beside = run_worker(args, norm, env, configure)
             finally:

@@ -84,7 +84,8 @@ def configure_cpu(threads: int | str | None = "auto", allocator: bool = True,
     if threads != "auto" and threads is not None and (
             not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ValueError(f"threads: expected a positive int, 'auto' or None, got {threads!r}")
-    if wait_policy is not None and (not isinstance(wait_policy, str) or wait_policy.upper() not in ("PASSIVE", "ACTIVE")):
+    if wait_policy is not None and (
+            not isinstance(wait_policy, str) or wait_policy.upper() not in ("PASSIVE", "ACTIVE")):
         raise ValueError(f"wait_policy: expected 'PASSIVE', 'ACTIVE' or None, got {wait_policy!r}")
     applied: dict = {}
     # the policy the OpenMP runtime reads when torch loads: this call's only if torch has not loaded yet

@@ -27,7 +27,8 @@ def test_import_changes_nothing():
 
 def test_configure_cpu_before_torch_sets_threads_policy_and_allocator():
     code = ("import os, hypernorm.runtime as r; applied = r.configure_cpu(threads=1); import torch;"
-            "print(applied, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'], os.environ['MALLOC_TRIM_THRESHOLD_'])")
+            "print(applied, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'],"
+            "      os.environ['MALLOC_TRIM_THRESHOLD_'])")
     applied, rest = run_python(code).rsplit("}", 1)
     assert rest.split() == ["1", "PASSIVE", str(runtime.ALLOCATOR_THRESHOLD)]
     assert "'threads': 1" in applied and "'omp_wait_policy': 'PASSIVE'" in applied

@@ -74,10 +74,11 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
     reductions that allocate nothing). None, before any state changes, where some mean is farther than
     FAR_MEAN_OVER_STD from its spread: there E[x^2] - E[x]^2 and x * scale + bias would cancel.
 
-    On CPU allocations cost more than passes (glibc's default malloc maps every feature-map-sized block
-    afresh and faults on each page touched), so this path allocates what BN does: the output, and in the
-    backward the input gradient, written once. In training it records two autograd nodes besides the LSTM
-    step's one: :class:`_Statistics` and :class:`_DirectAffine`, which hand each other the output gradient."""
+    On CPU an allocation can cost more than a pass (glibc's heap returns freed memory to the system past its
+    trim threshold, and the pages fault in again next step), so this path allocates what BN does: the
+    output, and in the backward the input gradient, written once. In training it records two autograd nodes
+    besides the LSTM step's one: :class:`_Statistics` and :class:`_DirectAffine`, which hand each other the
+    output gradient."""
     # The full-size output first, before the layer's small temporaries: allocated after them, it lands above
     # them at the top of the heap and is given back to the system when freed, to fault in again next pass.
     link = _BackwardLink(torch.empty_like(x))
@@ -108,9 +109,9 @@ def _is_eval_bn(norm: nn.Module) -> bool:
 
 
 class _BackwardLink:
-    """The layer's output buffer; what :func:`_statistics` leaves for the caller (far, the group mean and variance) and what
-    :class:`_DirectAffine`'s backward hands to :class:`_Statistics`' backward, which runs after it (the
-    statistics feed scale and bias) and writes the whole input gradient at once."""
+    """The layer's output buffer; what :func:`_statistics` leaves for the caller (far, the group mean and
+    variance); and what :class:`_DirectAffine`'s backward hands to :class:`_Statistics`' backward, which
+    runs after it (the statistics feed scale and bias) and writes the whole input gradient at once."""
     far = False
     grad_input: torch.Tensor | None = None
     mean: torch.Tensor | None = None
@@ -149,15 +150,19 @@ def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[
 
 
 def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(running mean, 1/sigma, far) of a BN in eval, computed again only after the buffers change."""
+    """(running mean, 1/sigma, far) of a BN in eval, computed again only after the buffers change (in place,
+    as ``load_state_dict`` does, or replaced, as ``.to()`` does)."""
     mean, var = norm.running_mean, norm.running_var
-    key = (mean, mean._version, var, var._version, norm.eps)
+    try:
+        versions = (mean._version, var._version, norm.eps)
+    except RuntimeError:  # buffers made under inference_mode keep no version counter: no caching
+        versions = None
     cached = _RUNNING_CACHE.get(norm)
-    if cached is None or any(a is not b and a != b for a, b in zip(cached[0], key)):
+    if versions is None or cached is None or cached[0] is not mean or cached[1] is not var or cached[2] != versions:
         invstd = torch.rsqrt(var + norm.eps).to(mean.dtype)
         far = float(torch.linalg.vector_norm(mean * invstd, float("inf"))) > FAR_MEAN_OVER_STD
-        cached = _RUNNING_CACHE[norm] = (key, invstd, far)
-    return mean, cached[1], cached[2]
+        cached = _RUNNING_CACHE[norm] = (mean, var, versions, invstd, far)
+    return mean, cached[3], cached[4]
 
 
 _RUNNING_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()

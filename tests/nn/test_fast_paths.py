@@ -238,4 +238,21 @@ def test_direct_path_backward_writes_the_input_gradient_once():
             stack.extend(next_node for next_node, _ in node.next_functions)
     names = sorted(type(node).__name__ for node in nodes)
     assert names.count("_StatisticsBackward") == 1 and names.count("_CellStepBackward") == 1
-    assert not [n for n in names if n.startswith(("Mul", "Addcmul", "Sigmoid", "Tanh", "Slice", "Mean", "Rsqrt"))], names
+    elementwise = ("Mul", "Addcmul", "Sigmoid", "Tanh", "Slice", "Mean", "Rsqrt")
+    assert not [name for name in names if name.startswith(elementwise)], names
+
+
+def test_eval_batchnorm_follows_its_running_statistics():
+    """The direct path keeps 1/sigma of a BN in eval between calls: changed buffers must be seen, whether
+    changed in place (load_state_dict) or replaced (.double())."""
+    layer = HyperNorm(6, "bn").eval()
+    reference = set_fused(copy.deepcopy(layer), False)
+    x = torch.randn(3, 6, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x), **TOL)
+        state = {k: v + 0.5 if k.startswith("norm.running") else v for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state), reference.load_state_dict(state)
+        torch.testing.assert_close(layer(x), reference(x), **TOL)
+        layer.double(), reference.double()
+        layer.norm.running_var.mul_(3), reference.norm.running_var.mul_(3)
+        torch.testing.assert_close(layer(x.double()), reference(x.double()), **TOL)
