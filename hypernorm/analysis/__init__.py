@@ -6,7 +6,7 @@ function is ``hypernorm.complexity`` (``hypernorm.analysis.complexity`` is its m
 import importlib
 
 __all__ = ["Complexity"]
-_SUBMODULES = ("aggregate", "commands", "complexity", "plots", "runner")
+_SUBMODULES = ("aggregate", "commands", "complexity", "diagnostics", "plots", "runner")
 
 
 def __getattr__(name: str):

@@ -190,8 +190,13 @@ def _sort_key(key: str, value: Any) -> tuple:
     if key == "batch":
         return (-int(value),)
     if key == "norm":
-        return (str(value).endswith("hn"), str(value))
+        return (*norm_order(str(value)), str(value))
     return (str(value),)
+
+
+def norm_order(norm: str) -> tuple[bool, bool]:
+    """Sort key: a base norm, then its HyperNorm form, then the no-relay ablation ("bhn_norelay")."""
+    return norm.split("_")[0].endswith("hn"), "_" in norm
 
 
 def _pm(entry: dict, metric: str) -> str:

@@ -13,6 +13,7 @@ def report(root: str | Path, out_dir: str | Path | None = None) -> str:
     """Write table.md/csv, runs.csv, and the figures for every model found below ``root``; return the table.
     Run folders that are not finished results are listed under the table ("Not in the table")."""
     from .aggregate import collect_runs, write_tables
+    from .diagnostics import write_relay_figures
     from .plots import plot_batch_size, plot_curves
 
     root = Path(root)
@@ -33,6 +34,7 @@ def report(root: str | Path, out_dir: str | Path | None = None) -> str:
             plot_curves(runs.rows, out_dir / f"curves_{model}_bs{batches[-1]}.png", model, batches[-1])
         if len(batches) > 1:
             plot_batch_size(runs.rows, out_dir / f"error_vs_batch_{model}.png", model)
+    write_relay_figures(root, out_dir)
     table = paths["table.md"].read_text()
     print(table)
     print(f"tables and figures in {out_dir}")

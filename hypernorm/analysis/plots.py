@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: works headless, whatever the backend
 
-from .aggregate import setting_key, varying_keys
+from .aggregate import norm_order, setting_key, varying_keys
 
 __all__ = ["plot_curves", "plot_batch_size"]
 
-NORM_COLORS = {"bn": "tab:blue", "bhn": "tab:red", "gn": "tab:green", "ghn": "tab:orange", "sn": "tab:purple"}
+NORM_COLORS = {"bn": "tab:blue", "bhn": "tab:red", "gn": "tab:green", "ghn": "tab:orange", "sn": "tab:purple",
+               "bhn_norelay": "tab:brown"}
 LINE_STYLES = ("-", ":", "-.", (0, (5, 1)))
 
 
@@ -41,7 +42,7 @@ def _lines(rows: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> list[tuple
         lines.setdefault((row["norm"], setting_key(row.get("config", {}), drop)), []).append(row)
     differing = [k for k in varying_keys(r.get("config", {}) for r in rows) if k not in drop and k != "model.norm"]
     out = []
-    for (norm, _), runs in sorted(lines.items(), key=lambda item: (item[0][0].endswith("hn"), item[0])):
+    for (norm, _), runs in sorted(lines.items(), key=lambda item: (norm_order(item[0][0]), item[0])):
         config = runs[0].get("config", {})
         label = norm.upper() + "".join(f", {k}={config.get(k)}" for k in differing)
         out.append((norm, label, runs))

@@ -11,6 +11,8 @@ A grid file::
       train.batch_size: [128, 8, 2]
       seed: [0, 1, 2]
     lr_scaling: {reference_batch: 128}        # optional: lr *= batch / reference_batch (linear scaling rule)
+    exclude:                                  # optional: combinations left out (all keys given must match)
+      - {model.norm: bhn, seed: 2}
 
 Each run folder gets ``run.json`` (its grid coordinates) beside what the training engine writes, and
 ``error.txt`` (one line) when its last attempt failed. A run the engine recorded as failed (``status: failed``
@@ -108,6 +110,11 @@ def load_grid(path: str | os.PathLike, overrides: list[str] | None = None,
     if scaling is not None and not (isinstance(scaling, dict) and isinstance(scaling.get("reference_batch"), int)
                                     and scaling["reference_batch"] > 0):
         raise ValueError(f"experiment grid {str(path)!r}: lr_scaling is {{reference_batch: <positive int>}}")
+    exclude = grid.get("exclude") or []
+    if not (isinstance(exclude, list) and all(isinstance(e, dict) and e and set(e) <= set(grid["grid"])
+                                              for e in exclude)):
+        raise ValueError(f"experiment grid {str(path)!r}: 'exclude' is a list of mappings from grid keys "
+                         f"({', '.join(grid['grid'])}) to the values of the combinations to leave out")
     grid["base"] = str((path.parent / grid["base"]).resolve())
     grid["overrides"] = [str(o) for o in grid.get("overrides") or []] + list(overrides or [])
     if output_dir is not None:
@@ -121,11 +128,14 @@ def _format(value: Any) -> str:
 
 
 def expand_grid(grid: dict) -> list[Run]:
-    """Every combination of the grid's values, in file order, with a readable folder name."""
+    """Every combination of the grid's values but those ``exclude`` lists, in file order, with a readable folder
+    name."""
     keys = list(grid["grid"])
     runs = []
     for values in itertools.product(*(grid["grid"][k] for k in keys)):
         coords = dict(zip(keys, values))
+        if any(all(coords[k] == v for k, v in left_out.items()) for left_out in grid.get("exclude") or []):
+            continue
         name = "_".join(f"{k.rsplit('.', 1)[-1]}{_format(v)}" for k, v in coords.items())
         folder = Path(grid["output_dir"]) / name
         overrides = list(grid["overrides"]) + [f"{k}={v}" for k, v in coords.items()] + [f"output.dir={folder}"]

@@ -40,6 +40,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "deterministic": False,  # deterministic kernels (slower on CUDA)
         "eval_every": 1,  # evaluate on the test set every N epochs (and always after the last)
         "allow_resize": False,  # resume with another world size or global batch (recorded in summary.json)
+        "relay_diagnostics": True,  # relay.csv: h, c of the HyperNorms per epoch (BN: gamma, beta where HN would go)
     },
     "optim": {
         "lr": 0.1,  # for the global batch; not rescaled automatically
@@ -61,7 +62,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
 RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "output.dir",
-                         "train.device", "train.threads", "train.allow_resize"}
+                         "train.device", "train.threads", "train.allow_resize", "train.relay_diagnostics"}
 
 
 def _is_int(value: Any) -> bool:
@@ -115,13 +116,15 @@ def check_optim(flat: dict[str, Any], epochs: int) -> None:
 def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     """Check every value a type check alone cannot (choices, ranges, nulls); returns ``config``."""
     from ..models import list_models
+    from ..models.external import is_external
     from ..nn import norm_names
 
     flat = flatten(config)
     check_common(flat)
-    expect("model.name", flat["model.name"], flat["model.name"] in list_models(),
-           f"one of {', '.join(list_models())}")
-    expect("model.norm", flat["model.norm"], flat["model.norm"] in norm_names(), f"one of {', '.join(norm_names())}")
+    expect("model.name", flat["model.name"], flat["model.name"] in list_models() or is_external(flat["model.name"]),
+           f"one of {', '.join(list_models())}, or timm/<name> or torchvision/<name>")
+    norms = norm_names(ablations=True)
+    expect("model.norm", flat["model.norm"], flat["model.norm"] in norms, f"one of {', '.join(norms)}")
     classes = flat["model.num_classes"]
     expect("model.num_classes", classes, classes is None or (_is_int(classes) and classes >= 2),
            "an int >= 2 or null (the data set's class count)")

@@ -9,6 +9,7 @@ selected on the test set (as the paper's baselines were) and therefore optimisti
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,12 +20,14 @@ from tqdm import tqdm
 
 from ..config import merge_config
 from ..data import Normalize, build_dataset
-from ..models import create_model
+from ..models import create_model, model_info
+from ..models.external import convert_defaults, is_external
 from .checkpoint import load_checkpoint
 from .distributed import DistEnv, all_reduce_sum, process_group
-from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads
+from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads, write_text
 from .schema import RESUMABLE_DIFFERENCES, resolve_config
-from ..nn import CPUSyncBatchNorm, use_cpu_sync_batchnorm
+from ..nn import CPUSyncBatchNorm, RelayRecorder, use_cpu_sync_batchnorm
+from ..nn.diagnostics import write_relay_csv
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "build_optimizer", "build_scheduler", "lr_factor",
            "METRIC_FIELDS", "BEST_NOTE", "Classification"]
@@ -103,6 +106,12 @@ class Classification(Task):
             raise ValueError(f"config key 'model.num_classes' expects at least the {info.num_classes} classes of "
                              f"{info.name}, got {classes}")
         model = create_model(cfg["model"]["name"], cfg["model"]["norm"], classes or info.num_classes)
+        if tcfg["relay_diagnostics"]:
+            name = cfg["model"]["name"]
+            self.relay = RelayRecorder(model, convert_defaults(name) if is_external(name) else
+                                       model_info(name).convert_options)
+        else:
+            self.relay = None
         if cfg["model"]["sync_bn"] and env.distributed:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if env.device.type == "cpu" and env.distributed:
@@ -151,12 +160,20 @@ class Classification(Task):
         return {"train_loss": sums["loss_sum"] / count, "train_top1_err": 100.0 * (1 - sums["hits"] / count)}
 
     def evaluate(self, net: nn.Module, epoch: int, last: bool, progress: bool) -> dict[str, Any] | None:
+        relay_rows = self.relay.read(epoch, "train") if self.relay else []
         if epoch % self.config["train"]["eval_every"] and not last:
+            self._write_relay(relay_rows)
             return None
         tcfg = self.config["train"]
         test = evaluate(net, self.test_loader, self.normalize, self.env.device, self.env,
                         tcfg["amp"] and self.env.device.type == "cuda", tcfg["channels_last"], progress)
+        self._write_relay(relay_rows + (self.relay.read(epoch, "test") if self.relay else []))
         return {"test_loss": test["loss"], "test_top1_err": test["top1_err"], "test_top5_err": test["top5_err"]}
+
+    def _write_relay(self, rows: list[dict[str, Any]]) -> None:
+        """relay.csv: the relay diagnostics of rank 0's samples (hypernorm.nn.diagnostics)."""
+        if rows and self.env.is_main:
+            write_relay_csv(Path(self.config["output"]["dir"]) / "relay.csv", rows, write_text)
 
     def summary_fields(self, history: list[dict[str, Any]]) -> dict[str, Any]:
         cfg, info = self.config, self.info

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .factory import split_norm_name
+from .factory import split_norm_name, split_relay
 from .hypernorm import HyperNorm, share_relay
 from .meta_lstm import TrimmedLSTMCell
 from .norms import create_base_norm, is_norm, norm_width, normalizes_last_dim, standardizer_like
@@ -285,7 +285,8 @@ def convert(
     Args:
         norm: "hn" keeps each replaced norm's own kind (BN -> BHN, GN -> GHN, a LayerNorm stays a LayerNorm;
             running statistics kept); a HyperNorm name ("bhn", "syncbhn", "ghn", "clhn", ...) sets the
-            standardizer, and is refused for a norm whose layout it cannot serve.
+            standardizer, and is refused for a norm whose layout it cannot serve. With "_norelay" ("bhn_norelay")
+            every block's LSTM step starts from zero state (the no-relay ablation, same parameters).
         stages: qualified names of the stage containers (all their children are the blocks); found as the
             module docstring describes when omitted.
         norm_index: which norm of a block: its position among the block's norms (0 = first, -1 = last)
@@ -308,7 +309,7 @@ def convert(
         for qualified in stage.norms:
             old = model.get_submodule(qualified)
             layer = HyperNorm(norm_width(old), _standardizer(old, base), reduction, name=qualified,
-                              channels_last=normalizes_last_dim(old))
+                              channels_last=normalizes_last_dim(old), relayed=split_relay(norm)[1])
             # timm's norm-act layers (BatchNormAct2d): HN replaces the affine, the dropout and activation stay
             after = [m for m in (getattr(old, "drop", None), getattr(old, "act", None))
                      if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]

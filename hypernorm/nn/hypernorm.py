@@ -1,7 +1,7 @@
 """HyperNorm: standardize with a wrapped norm, then apply a per-sample affine from a relayed meta LSTM."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import nn
@@ -9,6 +9,9 @@ from torch import nn
 from . import fused as fused_kernels
 from .meta_lstm import FusedWeights, TrimmedLSTMCell
 from .norms import create_base_norm
+
+if TYPE_CHECKING:
+    from .diagnostics import RelayStats
 
 __all__ = ["StageRelay", "HyperNorm", "share_relay", "set_fused"]
 
@@ -42,6 +45,8 @@ class HyperNorm(nn.Module):
         name: shown in error messages; :func:`hypernorm.convert` sets the qualified module name.
         channels_last: the input is (N, ..., C), channels last (ConvNeXt, Swin) or tokens (ViT), and ``norm``
             normalizes its last dim (a LayerNorm): GAP is the mean over the dims between N and C.
+        relayed: False starts the LSTM step from zero state at every block (the "no-relay" ablation,
+            norm names ending in "_norelay"): the same shared LSTM and parameters, only the relay is cut.
 
     A layer built alone owns a private LSTM and starts from zero state on every call. :func:`share_relay`
     makes the layers of one stage share one LSTM and relay its state.
@@ -54,6 +59,7 @@ class HyperNorm(nn.Module):
         reduction: int = 4,
         name: str = "",
         channels_last: bool = False,
+        relayed: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(norm, str):
@@ -67,9 +73,12 @@ class HyperNorm(nn.Module):
         self.starts_stage = True
         self.ends_stage = True
         self.channels_last = channels_last
+        self.relayed = relayed
 
     # False selects the reference path (standardizer module, then the affine), e.g. for comparisons.
     fused: bool = True
+    # Running sums of (h, c) while hypernorm.nn.track_relay() has switched them on; None costs nothing.
+    relay_stats: RelayStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -111,19 +120,25 @@ class HyperNorm(nn.Module):
         h, c = self._lstm_step(x.mean(dim=(2, 3)))
         return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
 
-    def _lstm_step(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, c) from the relayed state; the cell's fused weights are built once per stage and pass."""
+    def _lstm_step(self, u: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, c) from the relayed state (zeros when not ``relayed``); the cell's fused weights are built once
+        per stage and pass. ``reference``: the cell's step as the equations read."""
         relay = self.relay
-        if relay.weights is None:
-            relay.weights = relay.cell.fused_weights()
-        relay.state = relay.cell(u, relay.state, relay.weights)
+        state = relay.state if self.relayed else None
+        if reference:
+            relay.state = relay.cell.forward_reference(u, state)
+        else:
+            if relay.weights is None:
+                relay.weights = relay.cell.fused_weights()
+            relay.state = relay.cell(u, state, relay.weights)
+        if self.relay_stats is not None:
+            self.relay_stats.add(*relay.state)
         return relay.state
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c (``standardize`` is norm(x),
         with x shifted where its mean is far from its spread, for float32 precision)."""
-        relay = self.relay
-        relay.state = h, c = relay.cell.forward_reference(x.mean(dim=(2, 3)), relay.state)
+        h, c = self._lstm_step(x.mean(dim=(2, 3)), reference=True)
         return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
 
     def _follow(self, relay: StageRelay) -> None:
@@ -134,8 +149,9 @@ class HyperNorm(nn.Module):
         self.starts_stage = False
 
     def extra_repr(self) -> str:
-        role = "owns the stage LSTM" if self.starts_stage else "relays the stage LSTM"
-        return f"{self.num_features}, {role}, ends_stage={self.ends_stage}"
+        role = "owns the stage LSTM" if self.starts_stage else "uses the stage LSTM"
+        relay = "relays its state" if self.relayed else "no relay: zero state at every block"
+        return f"{self.num_features}, {role}, {relay}, ends_stage={self.ends_stage}"
 
 
 def share_relay(layers: Sequence[HyperNorm]) -> StageRelay:

@@ -16,7 +16,8 @@ from tests.data.cifar_fixture import tiny_config
 def test_one_epoch_trains_evaluates_and_writes_run_folder(cifar_root, tmp_path):
     out = tmp_path / "run"
     summary = train(tiny_config(cifar_root, out), quiet=True)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "metrics.csv", "relay.csv",
+                                                     "summary.json"]
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert list(rows[0]) == METRIC_FIELDS and len(rows) == 1 and rows[0]["epoch"] == "1"
     assert 0 <= float(rows[0]["test_top1_err"]) <= 100 and float(rows[0]["images_per_s"]) > 0

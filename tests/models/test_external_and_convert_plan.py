@@ -77,7 +77,7 @@ def test_training_command_takes_a_torchvision_model_in_bhn(tmp_path, monkeypatch
     patch_checksums(monkeypatch, "cifar10", write_official(root, "cifar10", n_train=32, n_test=16))
     code = main(["train", "--quiet", "model.name=torchvision/mobilenet_v3_small", "model.norm=bhn",
                  "data.dataset=cifar10", f"data.root={root}", "data.workers=0", "data.download=false",
-                 "train.epochs=1", "train.batch_size=8", "train.device=cpu", "train.threads=1",
-                 f"output.dir={tmp_path / 'run'}"])
+                 "train.epochs=1", "optim.milestones=[]", "train.batch_size=8", "train.device=cpu",
+                 "train.threads=1", f"output.dir={tmp_path / 'run'}"])
     assert code == 0
     assert "torchvision/mobilenet_v3_small / bhn on cifar10" in capsys.readouterr().out

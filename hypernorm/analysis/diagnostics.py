@@ -1,0 +1,163 @@
+"""Figures of the relay diagnostics (``relay.csv`` in a run folder, see :mod:`hypernorm.nn.diagnostics`).
+
+Per figure one column per norm (BN, BHN, BHN without relay, ...), averaged over the runs (seeds) given:
+
+1. the scale per block: HN's h (mean over samples and channels), BN's gamma (mean over channels); one line per
+   epoch, coloured by epoch; the last epoch with a band of +- its std;
+2. the shift per block: HN's c, BN's beta, the same way;
+3. at the last epoch (test set when it was evaluated): how much the scale varies between samples (std over
+   samples, averaged over channels) against how much it varies between channels. BN's gamma is the same for
+   every sample, so its first bar is zero.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ..nn.diagnostics import read_relay_csv
+from .aggregate import norm_order
+
+__all__ = ["find_relay_runs", "plot_relay", "write_relay_figures"]
+
+RELAY_FILE = "relay.csv"
+LABELS = {"hn": ("h (HyperNorm scale)", "c (HyperNorm shift)"), "affine": ("γ (BN weight)", "β (BN bias)")}
+
+
+def find_relay_runs(root: str | Path) -> list[dict[str, Any]]:
+    """Every run folder at or below ``root`` holding a relay.csv: its name, model, norm, batch and rows."""
+    runs = []
+    for path in sorted(Path(root).rglob(RELAY_FILE)):
+        config_path = path.parent / "config.yaml"
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        rows = read_relay_csv(path)
+        if rows:
+            runs.append({"run": path.parent.name, "folder": path.parent, "rows": rows,
+                         "model": config.get("model", {}).get("name", "model"),
+                         "norm": config.get("model", {}).get("norm", "norm"),
+                         "batch": config.get("train", {}).get("batch_size")})
+    return runs
+
+
+def _mean_rows(runs: list[list[dict[str, Any]]]) -> dict[tuple, dict[str, float]]:
+    """(phase, epoch, stage, block) -> each statistic averaged over the runs that have it."""
+    collected: dict[tuple, list[dict]] = defaultdict(list)
+    for rows in runs:
+        for row in rows:
+            collected[(row["phase"], row["epoch"], row["stage"], row["block"])].append(row)
+    return {key: {stat: float(np.mean([r[stat] for r in members])) for stat in members[0]
+                  if stat.startswith(("h_", "c_"))} | {"source": members[0]["source"], "n": len(members)}
+            for key, members in collected.items()}
+
+
+def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, title: str) -> Figure:
+    """The figure described in the module docstring; ``groups`` maps a column label (the norm) to the rows of
+    each of its runs."""
+    if not groups or not all(groups.values()):
+        raise ValueError("plot_relay() needs at least one run with relay rows per column")
+    columns = list(groups)
+    fig = Figure(figsize=(4.2 * len(columns) + 1.2, 9.0), layout="constrained")
+    axes = fig.subplots(3, len(columns), squeeze=False, sharey="row")
+    last_epoch = max(row["epoch"] for runs in groups.values() for rows in runs for row in rows)
+    norm = Normalize(vmin=1, vmax=max(last_epoch, 2))
+    cmap = colormaps["viridis"]
+    for col, label in enumerate(columns):
+        means = _mean_rows(groups[label])
+        positions = sorted({(stage, block) for _, _, stage, block in means})
+        x = np.arange(len(positions))
+        source = next(iter(means.values()))["source"]
+        epochs = sorted({epoch for phase, epoch, _, _ in means if phase == "train"})
+        for row_index, var in enumerate(("h", "c")):
+            ax = axes[row_index, col]
+            for epoch in epochs:
+                values = [means.get(("train", epoch, *pos), {}).get(f"{var}_mean", np.nan) for pos in positions]
+                ax.plot(x, values, "o-", ms=3, lw=1.2, color=cmap(norm(epoch)))
+            final = [means.get(("train", epochs[-1], *pos), {}) for pos in positions]
+            mean = np.array([f.get(f"{var}_mean", np.nan) for f in final])
+            std = np.array([f.get(f"{var}_std", np.nan) for f in final])
+            over = "samples and channels" if source == "hn" else "channels"
+            ax.fill_between(x, mean - std, mean + std, color=cmap(norm(epochs[-1])), alpha=0.25,
+                            label=f"± std over {over}, epoch {epochs[-1]}")
+            ax.set_ylabel(LABELS[source][row_index] if source in LABELS else var)
+            _block_axis(ax, positions)
+            ax.legend(loc="best", fontsize=8)
+        runs_n = len(groups[label])
+        axes[0, col].set_title(f"{_display(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
+        _spread_panel(axes[2, col], means, positions, source)
+    heights = [patch.get_height() for ax in axes[2] for patch in ax.patches if np.isfinite(patch.get_height())]
+    axes[2, 0].set_ylim(0, 1.4 * max(heights + [1e-6]))  # room for the legend above the bars (shared by the row)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2, :].ravel().tolist(), label="epoch",
+                       shrink=0.8)
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _display(norm: str) -> str:
+    """"bhn_norelay" -> "BHN, no relay"; "bn" -> "BN"."""
+    stem, _, ablation = norm.partition("_")
+    return stem.upper() + (", no relay" if ablation == "norelay" else f"_{ablation}" if ablation else "")
+
+
+def _spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], source: str) -> None:
+    phases = {phase for phase, *_ in means}
+    phase = "test" if "test" in phases else "train"
+    last = max(epoch for p, epoch, *_ in means if p == phase)
+    final = [means.get((phase, last, *pos), {}) for pos in positions]
+    x = np.arange(len(positions))
+    name = "h" if source == "hn" else "γ"
+    over_samples = "(mean over channels)" if source == "hn" else "= 0: one γ for every sample"
+    ax.bar(x - 0.2, [f.get("h_sample_std", np.nan) for f in final], 0.4, color="tab:red",
+           label=f"std of {name} over samples {over_samples}")
+    ax.bar(x + 0.2, [f.get("h_channel_std", np.nan) for f in final], 0.4, color="tab:gray",
+           label=f"std of {name} over channels (of per-channel means)")
+    ax.set_ylabel(f"spread of {name}, epoch {last} ({phase})")
+    _block_axis(ax, positions)
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def _block_axis(ax, positions: list[tuple[int, int]]) -> None:
+    """Blocks in network order, labelled stage.block (from 1), stages separated by dotted lines."""
+    ax.set_xticks(range(len(positions)), [f"{stage + 1}.{block + 1}" for stage, block in positions], fontsize=8)
+    for i in range(1, len(positions)):
+        if positions[i][0] != positions[i - 1][0]:
+            ax.axvline(i - 0.5, color="black", lw=0.6, ls=":")
+    ax.set_xlabel("block (stage.block)")
+    ax.grid(alpha=0.3)
+
+
+def write_relay_figures(root: str | Path, out_dir: str | Path) -> list[Path]:
+    """``relay_<run>.png`` per run folder with a relay.csv below ``root``, and ``relay_<model>_bs<batch>.png``
+    per model and batch size with a column per norm (mean over its runs); returns the paths written."""
+    runs = find_relay_runs(root)
+    out_dir = Path(out_dir)
+    if not runs:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in runs:
+        path = out_dir / f"relay_{run['run']}.png"
+        plot_relay({run["norm"]: [run["rows"]]}, path, f"relay diagnostics: {run['run']} ({run['model']})")
+        written.append(path)
+    settings = defaultdict(list)
+    for run in runs:
+        settings[(run["model"], run["batch"])].append(run)
+    for (model, batch), members in settings.items():
+        if len(members) < 2:
+            continue
+        groups = {norm: [r["rows"] for r in members if r["norm"] == norm]
+                  for norm in sorted({r["norm"] for r in members}, key=lambda n: (norm_order(n), n))}
+        path = out_dir / f"relay_{model}_bs{batch}.png"
+        plot_relay(groups, path, f"relay diagnostics: {model}, batch {batch}, mean over runs")
+        written.append(path)
+    return written
