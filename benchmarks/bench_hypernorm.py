@@ -33,8 +33,9 @@ from torch import nn
 import hypernorm
 from hypernorm.nn import set_fused
 
-# (model, input size, batch sizes) of the issue: ResNet-50 at 224 and ResNet-164 at 32.
-CONFIGS = {"resnet50": (224, (32, 8)), "resnet164": (32, (128, 8))}
+# (model, input size, batch sizes) of issue 14: ResNet-50 at 224, CIFAR ResNet-20/56/164 at 32.
+CONFIGS = {"resnet50": (224, (32, 8)), "resnet164": (32, (128, 8)), "resnet20": (32, (128, 8)),
+           "resnet56": (32, (128, 64, 8))}
 PAIRS = {"bn": "bhn", "gn": "ghn"}
 
 

@@ -5,6 +5,8 @@ Each setting runs in its own process (the allocator is chosen at process start).
 iteration are counted by the kernel and do not depend on the machine's load; the times do.
 
     PYTHONPATH=$PWD python benchmarks/malloc_check.py --model resnet50 --norm bhn --batch 8 --mode infer
+    PYTHONPATH=$PWD python benchmarks/malloc_check.py --model resnet20 --norm bn bhn --batch 128 --mode train \
+        --settings "glibc default" --threads 1      # BN against BHN under the allocator a user has
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     size = CONFIGS[args.model][0]
-    runner = Runner(args.model, args.norm, args.batch, size, args.mode, Setting("cpu"), reference=False)
+    runner = Runner(args.model, args.norm[0], args.batch, size, args.mode, Setting("cpu"), reference=False)
     for _ in range(2):
         runner.step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -68,8 +70,9 @@ def worker(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet50", choices=["resnet50", "resnet164"])
-    parser.add_argument("--norm", default="bhn")
+    parser.add_argument("--model", default="resnet50", choices=["resnet50", "resnet164", "resnet56", "resnet20"])
+    parser.add_argument("--norm", nargs="+", default=["bhn"], help="norms to compare, each in its own process")
+    parser.add_argument("--settings", nargs="+", help="allocator settings to run (default: all)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--mode", default="infer", choices=["train", "infer"])
     parser.add_argument("--iters", type=int, default=5)
@@ -81,19 +84,27 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
     results = {}
-    child_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--json" and not a.endswith(".json")]
-    for name, env in settings().items():
+    available = settings()
+    unknown = set(args.settings or ()) - set(available)
+    if unknown:
+        parser.error(f"--settings: unknown {sorted(unknown)}; choose from {sorted(available)}")
+    common = ["--model", args.model, "--batch", str(args.batch), "--mode", args.mode, "--iters", str(args.iters)]
+    common += ["--threads", str(args.threads)] if args.threads else []
+    for name, env in available.items():
+        if args.settings and name not in args.settings:
+            continue
         if env is None:
             print(f"{name:24s} not installed (Debian: apt-get install libjemalloc2 libtcmalloc-minimal4)")
             continue
         full_env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF", *THRESHOLDS)} | env
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *child_args],
-                             env=full_env, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{name}: the worker failed:\n{out.stderr[-2000:]}")
-        results[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = results[name]
-        print(f"{name:24s} {r['ms']:9.1f} ms/iter {r['minor_faults']:10.0f} minor page faults/iter", flush=True)
+        for norm in args.norm:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", "--norm", norm, *common],
+                                 env=full_env, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{name}, {norm}: the worker failed:\n{out.stderr[-2000:]}")
+            r = results[f"{name}, {norm}"] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{name:24s} {norm:4s} {r['ms']:9.1f} ms/iter {r['minor_faults']:10.0f} minor page faults/iter",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .runtime import configure_cpu
+
+    configure_cpu()  # allocator thresholds, OpenMP wait policy, threads: for every command, before torch loads
     try:
         return int(args.func(args) or 0)
     except (ValueError, KeyError, OSError) as err:  # bad input (values, files): one clear line, no traceback

@@ -8,17 +8,23 @@ within 1e-4 of float64 (relative to the largest value) up to mean/std = 1e4 (tes
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .sync_batchnorm import CPUSyncBatchNorm
 
-__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL"]
+__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL",
+           "SMALL_EAGER_TRAINING_NUMEL_CPU"]
 
 # Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
 # over memory, and the reference path (one native norm kernel, fewer graph nodes) is the faster one.
 SMALL_EAGER_TRAINING_NUMEL = 1 << 18
+# The same on CPU, where the direct path (three autograd nodes a layer) beats the native kernel at every size
+# measured (docs/performance.md).
+SMALL_EAGER_TRAINING_NUMEL_CPU = 0
 
 # Below this mean/std the norms' float32 kernels lose nothing to cancellation (an error of about
 # (mean/std)^2 float32 roundings), and standardize() leaves their input as it is.
@@ -26,7 +32,8 @@ FAR_MEAN_OVER_STD = 8.0
 
 
 def small_eager_training(x: torch.Tensor) -> bool:
-    return x.numel() < SMALL_EAGER_TRAINING_NUMEL and eager_autograd(x)
+    limit = SMALL_EAGER_TRAINING_NUMEL_CPU if x.device.type == "cpu" else SMALL_EAGER_TRAINING_NUMEL
+    return x.numel() < limit and eager_autograd(x)
 
 
 def can_fuse(norm: nn.Module) -> bool:
@@ -50,8 +57,207 @@ def eager_autograd(x: torch.Tensor) -> bool:
 
 
 def fused_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
-    """y = h * norm(x) + c with (h, c) = lstm_step(GAP(x)): one pass for the statistics (the per-sample
-    means are the GAP), one for y = (x - s) * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
+    """y = h * norm(x) + c with (h, c) = lstm_step(GAP(x)), in as few passes over x as the norm's own kernel.
+
+    Eager CPU float: :func:`_direct_standardize_affine` (no shifted copy of x) wherever the mean is within
+    FAR_MEAN_OVER_STD of the spread; elsewhere, on CUDA and under compile the shifted form below."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() \
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        y = _direct_standardize_affine(norm, x, lstm_step)
+        if y is not None:
+            return y
+    return _shifted_standardize_affine(norm, x, lstm_step)
+
+
+def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor | None:
+    """y = x * scale + bias, scale = h / sigma, bias = c - h * mu / sigma, from unshifted moments (two
+    reductions that allocate nothing). None, before any state changes, where some mean is farther than
+    FAR_MEAN_OVER_STD from its spread: there E[x^2] - E[x]^2 and x * scale + bias would cancel.
+
+    On CPU an allocation can cost more than a pass (glibc's heap returns freed memory to the system past its
+    trim threshold, and the pages fault in again next step), so this path allocates what BN does: the
+    output, and in the backward the input gradient, written once. In training it records two autograd nodes
+    besides the LSTM step's one: :class:`_Statistics` and :class:`_DirectAffine`, which hand each other the
+    output gradient."""
+    # The full-size output first, before the layer's small temporaries: allocated after them, it lands above
+    # them at the top of the heap and is given back to the system when freed, to fault in again next pass.
+    link = _BackwardLink(torch.empty_like(x))
+    autograd = eager_autograd(x)
+    if _is_eval_bn(norm):
+        mean, invstd, far = _running_statistics(norm)
+        if far:
+            return None
+        m = _Statistics.apply(x, norm, link)[0] if autograd else x.mean(dim=(2, 3))
+    else:
+        m, mean, invstd = _Statistics.apply(x, norm, link) if autograd else _statistics(x, norm, link)
+        if link.far:
+            return None
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
+            _update_running_stats(norm, link.mean, link.var, x.shape[0] * x.shape[2] * x.shape[3])
+    h, c = lstm_step(m)
+    if autograd:
+        return _DirectAffine.apply(x, h, c, mean, invstd, link)
+    scale = h * invstd
+    bias = torch.addcmul(c, mean, scale, value=-1)
+    if torch.is_grad_enabled():  # parameters need gradients (x does not): autograd's own ops
+        return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
+    return torch.mul(x, scale[:, :, None, None], out=link.out).add_(bias[:, :, None, None])
+
+
+def _is_eval_bn(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
+
+
+class _BackwardLink:
+    """The layer's output buffer; what :func:`_statistics` leaves for the caller (far, the group mean and
+    variance); and what :class:`_DirectAffine`'s backward hands to :class:`_Statistics`' backward, which
+    runs after it (the statistics feed scale and bias) and writes the whole input gradient at once."""
+    far = False
+    grad_input: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+
+def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
+    """(GAP(x), per-channel mean, per-channel 1/sigma) of the standardizer, (N, C) or (C,) for BN in
+    training; the group statistics, before they are spread over channels, go to ``link``."""
+    N, C, H, W = x.shape
+    m = x.mean(dim=(2, 3))
+    if _is_eval_bn(norm):
+        return m, m.new_empty(0), m.new_empty(0)
+    square = torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(H * W)  # mean square, no copy of x
+    if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        if N * H * W == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        mean, square = m.mean(0), square.mean(0)
+    elif isinstance(norm, nn.GroupNorm):
+        G = norm.num_groups
+        mean, square = m.view(N, G, C // G).mean(2), square.view(N, G, C // G).mean(2)
+    else:
+        mean = m
+    var = torch.addcmul(square, mean, mean, value=-1).clamp_min_(0)  # clamp: rounding may leave a tiny negative
+    invstd = torch.rsqrt(var + norm.eps)
+    link.far = float(torch.linalg.vector_norm(mean * invstd, float("inf"))) > FAR_MEAN_OVER_STD
+    link.mean, link.var = mean, var
+    if isinstance(norm, nn.GroupNorm):
+        return m, _per_channel(mean, C), _per_channel(invstd, C)
+    return m, mean, invstd
+
+
+def _running_statistics(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(running mean, 1/sigma, far) of a BN in eval, computed again only after the buffers change (in place,
+    as ``load_state_dict`` does, or replaced, as ``.to()`` does)."""
+    mean, var = norm.running_mean, norm.running_var
+    try:
+        versions = (mean._version, var._version, norm.eps)
+    except RuntimeError:  # buffers made under inference_mode keep no version counter: no caching
+        versions = None
+    cached = _RUNNING_CACHE.get(norm)
+    if versions is None or cached is None or cached[0] is not mean or cached[1] is not var or cached[2] != versions:
+        invstd = torch.rsqrt(var + norm.eps).to(mean.dtype)
+        far = float(torch.linalg.vector_norm(mean * invstd, float("inf"))) > FAR_MEAN_OVER_STD
+        cached = _RUNNING_CACHE[norm] = (mean, var, versions, invstd, far)
+    return mean, cached[3], cached[4]
+
+
+_RUNNING_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _Statistics(torch.autograd.Function):
+    """:func:`_statistics` as one node. Backward: dx = grad_y * scale (from the link) + dm / HW
+    + x * 2 dq / HW, with dm and dq (q: the mean squares) gathered from the GAP, mean and 1/sigma."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
+        outputs = _statistics(x, norm, link)
+        ctx.save_for_backward(x)
+        ctx.link, ctx.eval_bn = link, _is_eval_bn(norm)
+        ctx.groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else None
+        ctx.batch = isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        if not ctx.eval_bn:
+            ctx.mean, ctx.invstd = link.mean, outputs[2] if ctx.groups is None else torch.rsqrt(link.var + norm.eps)
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_m: torch.Tensor, grad_mean: torch.Tensor, grad_invstd: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        N, C, H, W = x.shape
+        link, count = ctx.link, H * W
+        if ctx.eval_bn:
+            grad_square = None
+        else:
+            mean, invstd, G = ctx.mean, ctx.invstd, ctx.groups
+            if G is not None:  # gradients of the per-channel copies add up per group
+                grad_mean, grad_invstd = (g.view(N, G, C // G).sum(2) for g in (grad_mean, grad_invstd))
+            grad_var = grad_invstd * invstd.pow(3) * -0.5
+            grad_mean = grad_mean - 2 * mean * grad_var
+            if ctx.batch:  # mean and var of the N per-sample moments
+                grad_m, grad_square = grad_m + grad_mean / N, (grad_var / N).expand(N, C)
+            elif G is not None:
+                grad_m = grad_m + _per_channel(grad_mean / (C // G), C)
+                grad_square = _per_channel(grad_var / (C // G), C)
+            else:
+                grad_m, grad_square = grad_m + grad_mean, grad_var
+        beta = (grad_m / count)[:, :, None, None]
+        if link.grad is None:  # the layer's output took no part in the loss
+            grad = torch.zeros_like(x)
+        else:
+            grad = torch.mul(link.grad, link.scale[:, :, None, None], out=link.grad_input)
+            link.grad = link.scale = link.grad_input = None
+        if grad_square is not None:
+            grad.addcmul_(x, (grad_square * (2 / count))[:, :, None, None])
+        return grad.add_(beta), None, None
+
+
+class _DirectAffine(torch.autograd.Function):
+    """y = x * scale + bias with scale = h * invstd, bias = c - mean * scale. Its backward reduces the
+    output gradient in one pass and leaves the input gradient to :class:`_Statistics`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                link: _BackwardLink) -> torch.Tensor:
+        scale = h * invstd
+        bias = torch.addcmul(c, mean, scale, value=-1)
+        ctx.save_for_backward(x, h, scale, mean, invstd)
+        ctx.link = link
+        out, link.out = link.out, None
+        return torch.mul(x, scale[:, :, None, None], out=out).add_(bias[:, :, None, None])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, h, scale, mean, invstd = ctx.saved_tensors
+        N, C, H, W = x.shape
+        ctx.link.grad_input = torch.empty_like(x)  # before the small temporaries, as the forward's output
+        if x.is_contiguous():
+            # BN's eval backward over N*C channels with mean 0, variance 1: sum(grad * x), sum(grad), one pass
+            zeros, ones = x.new_zeros(N * C), x.new_ones(N * C)
+            _, grad_xscale, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad.contiguous().view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None,
+                False, 0.0, [False, True, True])
+        else:  # channels-last: (N, C) sums over the middle of each sample's (HW, C) block
+            grad_xscale, grad_bias = (grad * x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
+        grad_bias = grad_bias.view(N, C)
+        grad_scale = torch.addcmul(grad_xscale.view(N, C), mean, grad_bias, value=-1)
+        ctx.link.grad, ctx.link.scale = grad, scale
+        grad_mean = grad_invstd = None
+        if ctx.needs_input_grad[3]:
+            grad_mean = -(grad_bias * scale)
+            grad_invstd = grad_scale * h
+            if mean.dim() == 1:  # BN: per channel, shared by the batch
+                grad_mean, grad_invstd = grad_mean.sum(0), grad_invstd.sum(0)
+        return None, grad_scale * invstd, grad_bias, grad_mean, grad_invstd, None
+
+
+def _shifted_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> torch.Tensor:
+    """y = h * norm(x) + c: one pass for the moments of d = x - s (the per-sample means plus s are the GAP),
+    one for y = d * scale + bias, scale = h / sigma, bias = c - h * (mu - s) / sigma."""
     N, C, H, W = x.shape
     eval_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
     shift = norm.running_mean.to(x.dtype)[None, :] if eval_bn else _shift(norm, x)

@@ -52,20 +52,11 @@ class TrimmedLSTMCell(nn.Module):
         every step of one forward pass. :meth:`forward_reference` is the same step written out.
         """
         w0, b0, w1, b1 = self.fused_weights() if weights is None else weights
-        C = self.channels
-        if state is None:
-            h = c = None
-            hu = torch.cat([u, u.new_zeros(u.shape)], dim=1)
-        else:
-            h, c = state
-            hu = torch.cat([u, h], dim=1)
-        # [u, h] @ blockdiag(W0_in, W0_hid)^T = [W0_in u, W0_hid h]; then W1_in r_u + W1_hid r_h in one GEMM
-        gates = torch.addmm(b1, torch.relu(torch.addmm(b0, hu, w0)), w1)
-        s = torch.sigmoid(gates)  # the g quarter is unused; one kernel over all four beats three slices
-        i, f, o = s[:, :C], s[:, C:2 * C], s[:, 3 * C:]
-        g = torch.tanh(gates[:, 2 * C:3 * C])
-        c = i * g if c is None else torch.addcmul(f * c, i, g)  # f * 0 dropped on a zero state
-        return o * torch.sigmoid(c), c
+        h, c = (None, None) if state is None else state
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+                t is not None and t.requires_grad for t in (u, h, c, w0, b0, w1, b1)):
+            return _CellStep.apply(u, h, c, w0, b0, w1, b1)
+        return _cell_step(u, h, c, w0, b0, w1, b1)[:2]
 
     def fused_weights(self) -> FusedWeights:
         """(W0, b0, W1, b1) such that gates = relu([u, h] @ W0 + b0) @ W1 + b1 equals
@@ -94,3 +85,57 @@ class TrimmedLSTMCell(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, reduction={self.reduction}"
+
+
+def _cell_step(u: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None, w0: torch.Tensor, b0: torch.Tensor,
+               w1: torch.Tensor, b1: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(h', c') and what the backward needs: the hidden pre-activation z, the gate activations, sigmoid(c')."""
+    C = u.shape[1]
+    if h is None:  # zero state: [u, 0] @ W0 reads only W0's first C rows, and f * 0 drops out
+        z = torch.addmm(b0, u, w0[:C])
+    else:
+        z = torch.addmm(b0, torch.cat([u, h], dim=1), w0)
+    gates = torch.addmm(b1, torch.relu(z), w1)
+    s = torch.sigmoid(gates)  # the g quarter is unused; one kernel over all four beats three slices
+    i, f, o = s[:, :C], s[:, C:2 * C], s[:, 3 * C:]
+    g = torch.tanh(gates[:, 2 * C:3 * C])
+    c_new = i * g if c is None else torch.addcmul(f * c, i, g)
+    squashed = torch.sigmoid(c_new)
+    return o * squashed, c_new, z, s, g, squashed
+
+
+class _CellStep(torch.autograd.Function):
+    """:func:`_cell_step` as one autograd node: at small batch an eager step costs per node, not per FLOP,
+    and the written-out step records about twenty (four gate slices each back-propagate a zero-filled copy)."""
+
+    @staticmethod
+    def forward(ctx, u, h, c, w0, b0, w1, b1):
+        h_new, c_new, z, s, g, squashed = _cell_step(u, h, c, w0, b0, w1, b1)
+        ctx.save_for_backward(u, h, c, w0, w1, z, s, g, squashed)
+        return h_new, c_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_h, grad_c):
+        u, h, c, w0, w1, z, s, g, squashed = ctx.saved_tensors
+        C = u.shape[1]
+        i, f, o = s[:, :C], s[:, C:2 * C], s[:, 3 * C:]
+        # c' -> h' = o * sigmoid(c'): dc' += dh' * o * sigmoid'(c')
+        grad_squashed = grad_h * o
+        grad_c = torch.addcmul(grad_c, grad_squashed, squashed - squashed * squashed)
+        # the gates' gradients before their nonlinearities, all four quarters in a few whole-width ops
+        upstream = torch.cat([grad_c * g, grad_c * c if c is not None else torch.zeros_like(grad_c),
+                              grad_c * i, grad_h * squashed], dim=1)
+        slope = s - s * s
+        slope[:, 2 * C:3 * C] = 1 - g * g
+        grad_gates = upstream.mul_(slope)
+        r = torch.relu(z)
+        grad_z = (grad_gates @ w1.t()).mul_(z > 0)
+        hu = u if h is None else torch.cat([u, h], dim=1)
+        w0_used = w0[:C] if h is None else w0
+        grad_hu = grad_z @ w0_used.t()
+        grad_w0 = hu.t() @ grad_z
+        if h is None:
+            grad_w0 = torch.cat([grad_w0, grad_w0.new_zeros(w0.shape[0] - C, w0.shape[1])])
+        return (grad_hu[:, :C], None if h is None else grad_hu[:, C:], None if c is None else grad_c * f,
+                grad_w0, grad_z.sum(0), r.t() @ grad_gates, grad_gates.sum(0))

@@ -14,12 +14,16 @@ from ..conftest import TinyNet
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(params=["one-pass", "native-norm"])
+@pytest.fixture(params=["direct", "shifted", "native-norm"])
 def eager_path(request, monkeypatch):
-    """Eager training picks the one-pass path for large feature maps and the native norm kernel (with the
-    two-GEMM LSTM) for small ones; the size limit is moved so that both are tested on small tensors."""
-    limit = 0 if request.param == "one-pass" else 1 << 40
+    """Eager training on CPU takes the direct path (unshifted moments, x * scale + bias) unless a mean is far
+    from its spread, then the shifted one-pass path; below a size limit the native norm kernel (with the
+    two-GEMM LSTM). Each is forced here in turn on small tensors."""
+    limit = 1 << 40 if request.param == "native-norm" else 0
     monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL", limit)
+    monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL_CPU", limit)
+    if request.param == "shifted":
+        monkeypatch.setattr(fused_kernels, "_direct_standardize_affine", lambda *args: None)
     return request.param
 
 
@@ -198,3 +202,57 @@ def test_input_without_grad_takes_plain_ops_with_same_gradients(eager_path):
         (layer(x) * torch.arange(3 * 6 * 16.0).view(3, 6, 4, 4)).sum().backward()
     for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "in"])
+@pytest.mark.parametrize("mean", [0.5, 1e3])
+def test_direct_path_only_where_the_mean_is_near_the_spread(norm, mean, monkeypatch):
+    """The direct path serves ordinary inputs and declines (before touching running statistics) where
+    x * scale + bias would cancel; the shifted path then gives the result."""
+    taken = []
+    direct = fused_kernels._direct_standardize_affine
+    monkeypatch.setattr(fused_kernels, "_direct_standardize_affine",
+                        lambda *args: taken.append(direct(*args)) or taken[-1])
+    layer = HyperNorm(6, norm)
+    reference = set_fused(copy.deepcopy(layer), False)
+    x = torch.randn(4, 6, 5, 5) + mean
+    assert_same_run(run(layer, x), run(reference, x), rtol=1e-4, atol=1e-4 * mean)
+    assert len(taken) == 1 and (taken[0] is None) == (mean > 100)
+    if norm == "bn":
+        assert int(layer.norm.num_batches_tracked) == 1
+        torch.testing.assert_close(layer.norm.running_mean, reference.norm.running_mean)
+
+
+def test_direct_path_backward_writes_the_input_gradient_once():
+    """The layer's autograd nodes: one for the statistics, one for the affine, one for the LSTM step (the
+    fused weights' few nodes aside); the input gradient comes from the statistics node alone."""
+    layer = HyperNorm(8, "bn")
+    x = torch.randn(4, 8, 5, 5, requires_grad=True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_DirectAffineBackward"
+    nodes, stack = set(), [y.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in nodes:
+            nodes.add(node)
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    names = sorted(type(node).__name__ for node in nodes)
+    assert names.count("_StatisticsBackward") == 1 and names.count("_CellStepBackward") == 1
+    elementwise = ("Mul", "Addcmul", "Sigmoid", "Tanh", "Slice", "Mean", "Rsqrt")
+    assert not [name for name in names if name.startswith(elementwise)], names
+
+
+def test_eval_batchnorm_follows_its_running_statistics():
+    """The direct path keeps 1/sigma of a BN in eval between calls: changed buffers must be seen, whether
+    changed in place (load_state_dict) or replaced (.double())."""
+    layer = HyperNorm(6, "bn").eval()
+    reference = set_fused(copy.deepcopy(layer), False)
+    x = torch.randn(3, 6, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x), **TOL)
+        state = {k: v + 0.5 if k.startswith("norm.running") else v for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state), reference.load_state_dict(state)
+        torch.testing.assert_close(layer(x), reference(x), **TOL)
+        layer.double(), reference.double()
+        layer.norm.running_var.mul_(3), reference.norm.running_var.mul_(3)
+        torch.testing.assert_close(layer(x.double()), reference(x.double()), **TOL)

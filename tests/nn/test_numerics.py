@@ -16,6 +16,7 @@ def _select_path(layer: nn.Module, path: str, monkeypatch) -> None:
     set_fused(layer, path != "reference")
     limit = 0 if path == "one-pass" else 1 << 40
     monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL", limit)
+    monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL_CPU", limit)
 
 
 def _run(layer: nn.Module, x: torch.Tensor, weights: torch.Tensor):
