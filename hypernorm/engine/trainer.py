@@ -26,7 +26,7 @@ from .checkpoint import load_checkpoint, load_weights
 from .distributed import DistEnv, all_reduce_sum, process_group
 from .loop import Task, TrainParts, autocast, build_optimizer, build_scheduler, fit, lr_factor, threads, write_text
 from .schema import RESUMABLE_DIFFERENCES, resolve_config
-from ..nn import CPUSyncBatchNorm, RelayRecorder, use_cpu_sync_batchnorm
+from ..nn import RelayRecorder, syncs_across_processes, use_cpu_sync_batchnorm
 from ..nn.diagnostics import write_relay_csv
 
 __all__ = ["train", "evaluate", "evaluate_checkpoint", "build_optimizer", "build_scheduler", "lr_factor",
@@ -75,7 +75,7 @@ def _check_micro_batch(model: nn.Module, batch_size: int, env: DistEnv) -> None:
         return
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if isinstance(module, (nn.SyncBatchNorm, CPUSyncBatchNorm)) and env.world_size > 1:
+            if syncs_across_processes(module) and env.world_size > 1:
                 continue  # statistics over all processes
             raise ValueError(
                 f"train.batch_size=1 cannot train {name or 'the model'} ({type(module).__name__}): batch norm needs "

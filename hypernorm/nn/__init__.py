@@ -4,7 +4,8 @@ from .diagnostics import RelayRecorder, affine_rows, relay_rows, track_relay
 from .factory import create_norm_layer, get_norm_layer, norm_names, split_norm_name, split_relay
 from .hypernorm import HyperNorm, StageRelay, set_fused, share_relay
 from .meta_lstm import BottleneckMLP, TrimmedLSTMCell
-from .norms import base_norm_names, create_base_norm, is_norm, register_norm, register_norm_type, standardizer_like
+from .norms import (base_norm_names, create_base_norm, is_norm, register_norm, register_norm_type, standardizer_like,
+                    syncs_across_processes)
 from .replace import copy_norm_state, replace_module
 from .switchable import SwitchableNorm2d  # registers "sn" (and so "shn")
 from .sync_batchnorm import CPUSyncBatchNorm, use_cpu_sync_batchnorm
@@ -39,6 +40,7 @@ __all__ = [
     "split_norm_name",
     "split_relay",
     "standardizer_like",
+    "syncs_across_processes",
     "track_relay",
     "use_cpu_sync_batchnorm",
 ]

@@ -14,6 +14,7 @@ from .sync_batchnorm import CPUSyncBatchNorm
 __all__ = [
     "register_norm",
     "register_norm_type",
+    "syncs_across_processes",
     "create_base_norm",
     "base_norm_names",
     "is_norm",
@@ -71,6 +72,12 @@ def create_base_norm(name: str, num_features: int, affine: bool = True) -> nn.Mo
 def is_norm(module: nn.Module) -> bool:
     """True for the normalization layers the registry knows (BN, SyncBN, GN, IN, LN, ...)."""
     return isinstance(module, tuple(_TYPES.values()) + (nn.LayerNorm,))
+
+
+def syncs_across_processes(module: nn.Module) -> bool:
+    """True for batch norms whose training statistics are reduced over all processes (torch's SyncBatchNorm and
+    the CPU stand-in): they train with one sample per process when there are several processes."""
+    return isinstance(module, (nn.SyncBatchNorm, CPUSyncBatchNorm))
 
 
 def standardizer_like(norm: nn.Module, check_only: bool = False) -> nn.Module | None:

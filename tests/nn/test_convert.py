@@ -180,3 +180,10 @@ def test_onnx_export_runs_in_onnxruntime(tiny_bhn, tmp_path):
     session = onnxruntime.InferenceSession(str(path))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), tiny_bhn(x), rtol=1e-4, atol=1e-5)
+
+
+def test_syncs_across_processes_knows_both_sync_norms():
+    from hypernorm.nn import CPUSyncBatchNorm, syncs_across_processes
+
+    assert syncs_across_processes(nn.SyncBatchNorm(4)) and syncs_across_processes(CPUSyncBatchNorm(4))
+    assert not syncs_across_processes(nn.BatchNorm2d(4)) and not syncs_across_processes(nn.GroupNorm(2, 4))
