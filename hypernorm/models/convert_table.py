@@ -1,7 +1,9 @@
 """The table of docs/convert.md: :func:`hypernorm.convert` on today's torchvision and timm families, each
-built with random weights, converted with ``norm="hn"`` and checked for batch independence in eval."""
+built with random weights, converted with ``norm="hn"`` and checked for batch independence in eval and for
+``torch.compile(fullgraph=True)`` giving the eager output."""
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +16,8 @@ from ..engine.checkpoint import atomic_write
 from ..nn import convert, explain
 from .external import convert_defaults, create_external_model
 
-__all__ = ["FAMILIES", "FamilyRow", "family_rows", "markdown_table", "write_table"]
+__all__ = ["COMPILE_ROUNDING_FACTOR", "FAMILIES", "FamilyRow", "compile_check", "family_rows", "markdown_table",
+           "write_table"]
 
 # (model, constructor arguments, input size[, convert arguments]): small inputs keep the check fast, the ViTs
 # are built for them; without convert arguments, norm="hn" and the family's defaults (convert_defaults)
@@ -53,6 +56,46 @@ class FamilyRow:
     params_before: int = 0
     params_after: int = 0
     batch_independent: bool | None = None  # a sample's eval output alone equals it within a batch of 3
+    compile_matches: str = ""  # "yes", or why not (compile_check)
+
+
+# Eager float32 and compiled float32 are two roundings of one function (the compiled one fuses and reorders
+# sums): each lies within the float32 rounding error e of the exact (float64) output, so they differ by at most
+# about 2e; a factor 4 leaves room for a different order of the same sums.
+COMPILE_ROUNDING_FACTOR = 4.0
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def compile_check(model: nn.Module, x: torch.Tensor) -> str:
+    """Whether ``torch.compile(model, fullgraph=True)`` gives the eager output for ``x``, in eval and in one
+    train-mode forward: "yes", "NO: <mode> differs by d > bound b" or "fails: <one-line reason>" (a graph
+    break or an error). The bound is COMPILE_ROUNDING_FACTOR times the eager float32 output's distance from
+    the float64 one (its rounding error at this input). ``model`` is left in train mode."""
+    def rounding_bound(train: bool) -> tuple[torch.Tensor, float]:
+        exact = copy.deepcopy(model).double().train(train)  # copies: a train forward moves running statistics
+        eager = copy.deepcopy(model).train(train)
+        with torch.set_grad_enabled(train):  # train: the forward of a training step, as the trainer compiles it
+            expected = eager(x)
+            return expected, COMPILE_ROUNDING_FACTOR * _max_diff(expected, exact(x.double()))
+
+    torch._dynamo.reset()  # each family compiles from scratch, within dynamo's recompile limit
+    compiled = torch.compile(model, fullgraph=True)
+    for mode, train in (("eval", False), ("train", True)):
+        expected, bound = rounding_bound(train)
+        model.train(train)
+        try:
+            with torch.set_grad_enabled(train):
+                got = compiled(x)
+        except Exception as err:  # noqa: BLE001  a graph break or a compiler error: the table says which
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            return f"fails ({mode}): {type(err).__name__}: {reason}"[:300]
+        diff = _max_diff(got, expected)
+        if diff > bound:
+            return f"NO: {mode} differs by {diff:.1e} > bound {bound:.1e}"
+    return "yes"
 
 
 def _n_params(model: nn.Module) -> int:
@@ -76,8 +119,9 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, 
     model.eval()
     with torch.no_grad():
         independent = torch.allclose(model(x)[1:2], model(x[1:2]), rtol=1e-4, atol=1e-5)
+    compiles = compile_check(model, x)
     return FamilyRow(name, options, "", [stage.name for stage in plan.stages], plan.hn_layers, len(plan.skipped), before,
-                     _n_params(model), independent)
+                     _n_params(model), independent, compiles)
 
 
 def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
@@ -86,15 +130,15 @@ def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
 
 def markdown_table(rows: list[FamilyRow]) -> str:
     lines = ["| model | convert arguments | result | stages found | HN layers | blocks left out | params before | params after "
-             "| eval batch-independent |", "|---|---|---|---|---:|---:|---:|---:|---|"]
+             "| eval batch-independent | compile == eager |", "|---|---|---|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         options = ", ".join(f"{k}={v!r}" for k, v in r.options.items())
         if r.refused:
-            lines.append(f"| {r.model} | {options} | refused: {r.refused} | | | | {r.params_before:,} | | |")
+            lines.append(f"| {r.model} | {options} | refused: {r.refused} | | | | {r.params_before:,} | | | |")
             continue
         check = {True: "yes", False: "NO", None: "-"}[r.batch_independent]
         lines.append(f"| {r.model} | {options} | converted | {len(r.stages)}: {', '.join(r.stages)} | {r.hn_layers} | {r.skipped} | "
-                     f"{r.params_before:,} | {r.params_after:,} | {check} |")
+                     f"{r.params_before:,} | {r.params_after:,} | {check} | {r.compile_matches or '-'} |")
     return "\n".join(lines)
 
 
