@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ..engine.checkpoint import atomic_write
 from ..nn import convert, explain
@@ -69,11 +70,12 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def compile_check(model: nn.Module, x: torch.Tensor) -> str:
+def compile_check(model: nn.Module, x: torch.Tensor, backend: str = "inductor") -> str:
     """Whether ``torch.compile(model, fullgraph=True)`` gives the eager output for ``x``, in eval and in one
     train-mode forward: "yes", "NO: <mode> differs by d > bound b" or "fails: <one-line reason>" (a graph
     break or an error). The bound is COMPILE_ROUNDING_FACTOR times the eager float32 output's distance from
-    the float64 one (its rounding error at this input). ``model`` is left in train mode."""
+    the float64 one (its rounding error at this input). ``backend="aot_eager"`` checks the same graph capture
+    without inductor's code generation (minutes on a CPU). ``model`` is left in train mode."""
     def rounding_bound(train: bool) -> tuple[torch.Tensor, float]:
         exact = copy.deepcopy(model).double().train(train)  # copies: a train forward moves running statistics
         eager = copy.deepcopy(model).train(train)
@@ -82,7 +84,7 @@ def compile_check(model: nn.Module, x: torch.Tensor) -> str:
             return expected, COMPILE_ROUNDING_FACTOR * _max_diff(expected, exact(x.double()))
 
     torch._dynamo.reset()  # each family compiles from scratch, within dynamo's recompile limit
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     for mode, train in (("eval", False), ("train", True)):
         expected, bound = rounding_bound(train)
         model.train(train)
@@ -125,7 +127,12 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, 
 
 
 def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
-    return [family_row(*family) for family in FAMILIES if names is None or family[0] in names]
+    rows = []
+    for family in tqdm([f for f in FAMILIES if names is None or f[0] in names], desc="families"):  # minutes each
+        rows.append(family_row(*family))
+        tqdm.write(f"{rows[-1].model}: {'refused' if rows[-1].refused else 'converted'}, compile == eager: "
+                   f"{rows[-1].compile_matches or '-'}")
+    return rows
 
 
 def markdown_table(rows: list[FamilyRow]) -> str:
