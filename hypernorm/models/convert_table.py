@@ -61,33 +61,52 @@ class FamilyRow:
 
 
 # Eager float32 and compiled float32 are two roundings of one function (the compiled one fuses and reorders
-# sums): each lies within the float32 rounding error e of the exact (float64) output, so they differ by at most
-# about 2e; a factor 4 leaves room for a different order of the same sums.
-COMPILE_ROUNDING_FACTOR = 4.0
+# sums): each lies about the float32 rounding error e off the exact (float64) output, so they differ by up to
+# about 2e; a factor 8 leaves room for another order of the same sums drawing larger errors (measured: up to
+# 3x e). e is at least one float32 epsilon of the output's largest value, for an eager output exact by luck.
+COMPILE_ROUNDING_FACTOR = 8.0
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+# layers that draw random numbers in training (dropout, stochastic depth): eager, float64 and compiled code draw
+# different ones, so the train-mode check runs them as in eval
+_RANDOM_IN_TRAINING = ("Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "StochasticDepth", "DropPath",
+                       "DropBlock2d")
+
+
+def _set_mode(model: nn.Module, train: bool) -> nn.Module:
+    model.train(train)
+    for module in model.modules():
+        if type(module).__name__ in _RANDOM_IN_TRAINING:
+            module.eval()
+    return model
+
+
 def compile_check(model: nn.Module, x: torch.Tensor, backend: str = "inductor") -> str:
     """Whether ``torch.compile(model, fullgraph=True)`` gives the eager output for ``x``, in eval and in one
-    train-mode forward: "yes", "NO: <mode> differs by d > bound b" or "fails: <one-line reason>" (a graph
+    train-mode forward (dropout and stochastic depth off): "yes", "NO: <mode> differs by d > bound b" or "fails: <one-line reason>" (a graph
     break or an error). The bound is COMPILE_ROUNDING_FACTOR times the eager float32 output's distance from
-    the float64 one (its rounding error at this input). ``backend="aot_eager"`` checks the same graph capture
-    without inductor's code generation (minutes on a CPU). ``model`` is left in train mode."""
+    the float64 one (its rounding error at this input, at least one float32 epsilon of its largest value).
+    ``backend="aot_eager"`` checks the same fullgraph capture without inductor's code generation (minutes on
+    a CPU). ``model`` is left in train mode."""
     def rounding_bound(train: bool) -> tuple[torch.Tensor, float]:
-        exact = copy.deepcopy(model).double().train(train)  # copies: a train forward moves running statistics
-        eager = copy.deepcopy(model).train(train)
+        exact = _set_mode(copy.deepcopy(model).double(), train)  # copies: a train forward moves running statistics
+        eager = _set_mode(copy.deepcopy(model), train)
         with torch.set_grad_enabled(train):  # train: the forward of a training step, as the trainer compiles it
             expected = eager(x)
-            return expected, COMPILE_ROUNDING_FACTOR * _max_diff(expected, exact(x.double()))
+            exact_out = exact(x.double())
+            floor = torch.finfo(torch.float32).eps * exact_out.abs().max().item()
+            rounding = max(_max_diff(expected, exact_out), floor)
+            return expected, COMPILE_ROUNDING_FACTOR * rounding
 
     torch._dynamo.reset()  # each family compiles from scratch, within dynamo's recompile limit
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     for mode, train in (("eval", False), ("train", True)):
         expected, bound = rounding_bound(train)
-        model.train(train)
+        _set_mode(model, train)
         try:
             with torch.set_grad_enabled(train):
                 got = compiled(x)

@@ -211,8 +211,9 @@ def test_plan_text_names_blocks_norms_widths_and_skips():
 # BN in stages nested in one Sequential. compile_check is the docs table's check (eval and a train forward, the
 # bound from each output's own float32 rounding); the two large graphs use aot_eager (the same fullgraph capture
 # without inductor's C++ code generation, minutes on 2 cores; docs/convert.md's table runs inductor on them).
-@pytest.mark.parametrize("family, backend", [("tv_mobilenet_v3_small", "aot_eager"), ("timm_convnext_atto", "aot_eager"),
-                                             ("tv_vit", "inductor"), ("nested_sequential", "inductor")])
+@pytest.mark.parametrize("family, backend", [("tv_mobilenet_v3_small", "aot_eager"),
+                                             ("timm_convnext_atto", "aot_eager"), ("tv_vit", "inductor"),
+                                             ("nested_sequential", "inductor")])
 def test_compile_fullgraph_matches_eager_per_family(family, backend):
     model, size = _converted(family)
     torch.manual_seed(1)
