@@ -124,7 +124,8 @@ def _n_params(model: nn.Module) -> int:
 
 
 def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, Any] | None = None,
-               num_classes: int = 10) -> FamilyRow:
+               num_classes: int = 10, check_compile: bool = False) -> FamilyRow:
+    """One row; ``check_compile`` adds compile_check (inductor: a minute or two per model on a CPU)."""
     torch.manual_seed(0)
     options = {"norm": "hn", **convert_defaults(name)} if options is None else options
     model = create_external_model(name, "bn", num_classes, **kwargs)
@@ -140,7 +141,7 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, 
     model.eval()
     with torch.no_grad():
         independent = torch.allclose(model(x)[1:2], model(x[1:2]), rtol=1e-4, atol=1e-5)
-    compiles = compile_check(model, x)
+    compiles = compile_check(model, x) if check_compile else ""
     return FamilyRow(name, options, "", [stage.name for stage in plan.stages], plan.hn_layers, len(plan.skipped), before,
                      _n_params(model), independent, compiles)
 
@@ -148,7 +149,7 @@ def family_row(name: str, kwargs: dict[str, Any], size: int, options: dict[str, 
 def family_rows(names: list[str] | None = None) -> list[FamilyRow]:
     rows = []
     for family in tqdm([f for f in FAMILIES if names is None or f[0] in names], desc="families"):  # minutes each
-        rows.append(family_row(*family))
+        rows.append(family_row(*family, check_compile=True))
         tqdm.write(f"{rows[-1].model}: {'refused' if rows[-1].refused else 'converted'}, compile == eager: "
                    f"{rows[-1].compile_matches or '-'}")
     return rows
