@@ -90,10 +90,12 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
         m = _Statistics.apply(x, norm, link)[0] if autograd else x.mean(dim=(2, 3))
     else:
         m, mean, invstd = _Statistics.apply(x, norm, link) if autograd else _statistics(x, norm, link)
+        batch_mean, batch_var, link.mean, link.var = link.mean, link.var, None, None  # the graph's nodes hold
+        # the link: a tensor of this pass left in it would be a reference cycle that keeps the pass alive
         if link.far:
             return None
         if isinstance(norm, nn.modules.batchnorm._BatchNorm) and norm.track_running_stats:
-            _update_running_stats(norm, link.mean, link.var, x.shape[0] * x.shape[2] * x.shape[3])
+            _update_running_stats(norm, batch_mean, batch_var, x.shape[0] * x.shape[2] * x.shape[3])
     h, c = lstm_step(m)
     if autograd:
         return _DirectAffine.apply(x, h, c, mean, invstd, link)
@@ -175,24 +177,27 @@ class _Statistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[torch.Tensor, ...]:
         outputs = _statistics(x, norm, link)
-        ctx.save_for_backward(x)
         ctx.link, ctx.eval_bn = link, _is_eval_bn(norm)
         ctx.groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else None
         ctx.batch = isinstance(norm, nn.modules.batchnorm._BatchNorm)
-        if not ctx.eval_bn:
-            ctx.mean, ctx.invstd = link.mean, outputs[2] if ctx.groups is None else torch.rsqrt(link.var + norm.eps)
+        # Through save_for_backward, never as ctx attributes: the mean and 1/sigma may be this node's own
+        # outputs, and an output held by its node is a reference cycle that leaks every step's graph.
+        if ctx.eval_bn:
+            ctx.save_for_backward(x)
+        else:
+            ctx.save_for_backward(x, link.mean, outputs[2] if ctx.groups is None else torch.rsqrt(link.var + norm.eps))
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_m: torch.Tensor, grad_mean: torch.Tensor, grad_invstd: torch.Tensor):
-        (x,) = ctx.saved_tensors
+        x, *statistics = ctx.saved_tensors
         N, C, H, W = x.shape
         link, count = ctx.link, H * W
         if ctx.eval_bn:
             grad_square = None
         else:
-            mean, invstd, G = ctx.mean, ctx.invstd, ctx.groups
+            (mean, invstd), G = statistics, ctx.groups
             if G is not None:  # gradients of the per-channel copies add up per group
                 grad_mean, grad_invstd = (g.view(N, G, C // G).sum(2) for g in (grad_mean, grad_invstd))
             grad_var = grad_invstd * invstd.pow(3) * -0.5
