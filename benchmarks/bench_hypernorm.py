@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -32,6 +31,7 @@ from torch import nn
 
 import hypernorm
 from hypernorm.nn import set_fused
+from results_file import write_json
 
 # (model, input size, batch sizes) of issue 14: ResNet-50 at 224, CIFAR ResNet-20/56/164 at 32.
 CONFIGS = {"resnet50": (224, (32, 8)), "resnet164": (32, (128, 8)), "resnet20": (32, (128, 8)),
@@ -325,10 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(results))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"device": info, "command": " ".join(sys.argv), "args": vars(args),
-                       "results": [asdict(r) for r in results]}, f, indent=2)
+        write_json(args.json, {"device": info, "command": " ".join(sys.argv), "args": vars(args),
+                               "results": [asdict(r) for r in results]})
         print(f"\nwrote {args.json}")
     return 0
 

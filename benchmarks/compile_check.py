@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_hypernorm import CONFIGS, Runner, Setting, default_iters  # noqa: E402
+from results_file import write_json
 
 
 def max_gradient_difference(eager: Runner, compiled: Runner) -> float:
@@ -71,9 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"compiled {result['compiled_ms']:.1f} ms, compiled/eager {ratio:.3f}, "
                   f"max relative gradient difference {difference:.1e}", flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"args": vars(args), "results": results})
     return 0
 
 

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
+from results_file import write_json  # noqa: E402  (benchmarks/, the script's folder)
 
 BUSY = {  # one core's worth of CPU-bound work
     "python": "while True: pass",
@@ -107,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{beside['step_s'] * 1e3:7.0f} beside a busy process, ratio {ratio:.2f}", flush=True)
     print(f"# load average {os.getloadavg()[0]:.2f} at the end")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"args": vars(args), "results": results})
     return 0
 
 

@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from results_file import write_json  # noqa: E402  (benchmarks/, the script's folder)
 
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib")
 THRESHOLDS = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:24s} {norm:4s} {r['ms']:9.1f} ms/iter {r['minor_faults']:10.0f} minor page faults/iter",
                   flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"args": vars(args), "results": results})
     return 0
 
 
