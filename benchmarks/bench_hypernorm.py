@@ -57,9 +57,10 @@ class Setting:
     compile: bool = False
     channels_last: bool = False
     amp: bool = False
+    cuda_graphs: bool = False  # training: forward + backward replayed as CUDA graphs (train.cuda_graphs)
 
     def label(self) -> str:
-        flags = [name for name in ("compile", "channels_last", "amp") if getattr(self, name)]
+        flags = [name for name in ("compile", "channels_last", "amp", "cuda_graphs") if getattr(self, name)]
         return "+".join(flags) or "eager"
 
 
@@ -108,6 +109,8 @@ class Runner:
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         if setting.compile:
             self.forward = torch.compile(self.model)
+        if setting.cuda_graphs and mode == "train":  # inference stays eager, as in train.cuda_graphs
+            torch.cuda.make_graphed_callables(self.model, (self.x,), allow_unused_input=True)
 
     def autocast(self):
         if self.setting.amp:
@@ -256,8 +259,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="CUDA, training: replay forward + backward as CUDA graphs (train.cuda_graphs)")
     parser.add_argument("--all-settings", action="store_true",
-                        help="CUDA: eager, compile, compile+channels_last+amp in one run")
+                        help="CUDA: eager, cuda_graphs, compile, compile+channels_last+amp in one run")
     parser.add_argument("--with-reference", action="store_true",
                         help="also time the HyperNorm network on its unfused reference path (the 'before' numbers)")
     parser.add_argument("--full", action="store_true",
@@ -273,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error("--cuda-graphs needs --device cuda")
     if args.clock == "process" and args.device != "cpu":
         parser.error("--clock process measures CPU time; on CUDA use the default wall clock")
     if args.reps < 1 or args.iters < 0 or args.warmup < 1:
@@ -295,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.batches = 3, [8]
     if args.all_settings:
-        settings = [Setting(args.device), Setting(args.device, compile=True),
+        settings = [Setting(args.device), Setting(args.device, cuda_graphs=True), Setting(args.device, compile=True),
                     Setting(args.device, compile=True, channels_last=True, amp=True)]
     else:
-        settings = [Setting(args.device, args.compile, args.channels_last, args.amp)]
+        settings = [Setting(args.device, args.compile, args.channels_last, args.amp, args.cuda_graphs)]
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
           f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}", flush=True)

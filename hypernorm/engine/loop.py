@@ -146,6 +146,14 @@ class Task:
     def describe(self, parts: TrainParts, iters: int, global_batch: int) -> str:
         return ""
 
+    def graph_captured(self) -> None:
+        """Called once the training steps run as CUDA graphs (Python in the forward no longer runs per step)."""
+
+    def graph_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """The model's inputs for ``batch``: what train.cuda_graphs captures the forward with."""
+        raise ValueError(f"config key 'train.cuda_graphs' expects false for {self.kind} (its model takes no fixed "
+                         f"shape), got true")
+
     def epoch_line(self, row: dict[str, Any]) -> str:
         return " | ".join(f"{k} {row[k]:.4g}" if isinstance(row.get(k), float) else f"{k} {row.get(k)}"
                           for k in self.metric_fields if row.get(k) is not None)
@@ -283,6 +291,11 @@ class _Fit:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.net: nn.Module = torch.compile(self.model) if tcfg.get("compile") else self.model
         self.train_net = self.net
+        self.graphed = False  # train.cuda_graphs: captured at the first batch, once the shapes are known
+        if tcfg.get("cuda_graphs") and (env.device.type != "cuda" or env.distributed):
+            raise ValueError(f"config key 'train.cuda_graphs' expects false on {env.device.type}"
+                             f"{' with ' + str(env.world_size) + ' processes' if env.distributed else ''} (it "
+                             f"captures one process's steps on one CUDA device), got true")
         if env.distributed:
             self.train_net = DistributedDataParallel(
                 self.net, device_ids=[env.device] if env.device.type == "cuda" else None)
@@ -349,6 +362,8 @@ class _Fit:
                    disable=not self.progress)
         start, steps = time.perf_counter(), 0
         for batch in bar:
+            if self.config["train"].get("cuda_graphs") and not self.graphed:
+                self._capture(batch)
             with autocast(env.device, self.amp):
                 loss, values = self.task.train_step(net, batch)
             if not env.distributed and not torch.isfinite(loss):
@@ -376,6 +391,29 @@ class _Fit:
         keys = sorted(sums)
         reduced = all_reduce_sum([float(sums[k]) for k in keys], env)
         return self.task.train_stats(dict(zip(keys, reduced))), train_time, steps
+
+    def _capture(self, batch: Any) -> None:
+        """Capture the model's training forward + backward as CUDA graphs (torch.cuda.make_graphed_callables);
+        each later training step replays them with one launch instead of hundreds. Evaluation stays eager.
+
+        The capture's warm-up passes would move the norms' running statistics with this batch: they are put back.
+        Python code in the forward runs only at capture, so the relay diagnostics' sums are switched off for the
+        captured passes and record the test phase alone (``Task.graph_captured``)."""
+        from ..nn import track_relay
+
+        model = self.model
+        saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+        track_relay(model, False)
+        inputs = self.task.graph_inputs(batch)
+        torch.cuda.synchronize()
+        torch.cuda.make_graphed_callables(model, inputs, allow_unused_input=True)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+        self.graphed = True
+        self.task.graph_captured()
+        self.log(f"train.cuda_graphs: captured the training forward + backward for inputs "
+                 f"{', '.join(str(tuple(t.shape)) for t in inputs)}")
 
     def _summary(self, status: str, reason: str | None = None) -> dict[str, Any]:
         rows, tcfg = self.history, self.config["train"]

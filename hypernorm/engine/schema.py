@@ -26,6 +26,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "workers": 2,  # DataLoader worker processes per training process
         "test_batch_size": None,  # null: train.batch_size
         "image_size": None,  # ImageNet crop size (null: 224); CIFAR is always 32
+        "on_device": None,  # hold the whole split on the training device, crop + flip there (null: CIFAR on CUDA)
     },
     "train": {
         "epochs": 164,
@@ -36,6 +37,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "channels_last": False,
         "grad_clip": None,  # max global L2 norm of the gradients, or null
         "compile": False,  # torch.compile the model
+        "cuda_graphs": False,  # replay each training step's forward + backward as a CUDA graph (one GPU, float32)
         "seed": 0,
         "deterministic": False,  # deterministic kernels (slower on CUDA)
         "eval_every": 1,  # evaluate on the test set every N epochs (and always after the last)
@@ -61,7 +63,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
-RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "output.dir",
+RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "data.on_device", "output.dir",
                          "train.device", "train.threads", "train.allow_resize", "train.relay_diagnostics"}
 
 
@@ -137,6 +139,14 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     size = flat["data.image_size"]  # CIFAR images are 32x32: another size would be recorded but never used
     expect("data.image_size", size, flat["data.dataset"] == "imagenet" or size in (None, 32),
            f"null for data.dataset={flat['data.dataset']} (CIFAR images are 32x32)")
+    expect("data.on_device", flat["data.on_device"], flat["data.on_device"] in (None, True, False)
+           and not (flat["data.on_device"] is True and flat["data.dataset"] == "imagenet"),
+           "null, true or false (true only for CIFAR, which is held in memory)")
+    if flat["train.cuda_graphs"]:
+        expect("train.cuda_graphs", True, flat["train.device"] != "cpu" and not flat["train.compile"]
+               and not flat["train.amp"] and flat["train.grad_clip"] is None,
+               "false with train.device=cpu, train.compile, train.amp or train.grad_clip (a CUDA graph replays one "
+               "float32 forward + backward on one GPU)")
     expect("train.eval_every", flat["train.eval_every"], flat["train.eval_every"] >= 1, "a positive int")
     epochs = flat["train.epochs"]
     expect("optim.warmup_epochs", flat["optim.warmup_epochs"], 0 <= flat["optim.warmup_epochs"] <= epochs,

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from ..config import merge_config
-from ..data import Normalize, build_dataset
+from ..data import DeviceBatches, Normalize, build_dataset, in_memory_tensors
 from ..models import create_model, model_info
 from ..models.external import convert_defaults, is_external
 from .checkpoint import load_checkpoint, load_weights
@@ -90,6 +90,13 @@ def _shard(dataset: Dataset, env: DistEnv) -> Dataset:
     return Subset(dataset, list(range(env.rank, len(dataset), env.world_size)))
 
 
+def _on_device(data: dict[str, Any], device: torch.device) -> bool:
+    """data.on_device: null holds CIFAR on a CUDA device (the crop + flip run there); ImageNet never fits."""
+    if data["on_device"] is None:
+        return device.type == "cuda" and data["dataset"] != "imagenet"
+    return data["on_device"]
+
+
 class Classification(Task):
     kind = "classification"
     metric_fields = METRIC_FIELDS
@@ -125,10 +132,15 @@ class Classification(Task):
         sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                      seed=tcfg["seed"])
         workers, pin = cfg["data"]["workers"], env.device.type == "cuda"
-        loader = DataLoader(train_set, batch, sampler=sampler, num_workers=workers, pin_memory=pin,
-                            drop_last=True)  # drop_last: a final batch of 1 would break batch norm
-        self.test_loader = DataLoader(_shard(test_set, env), cfg["data"]["test_batch_size"] or batch,
-                                      num_workers=workers, pin_memory=pin)
+        test_batch = cfg["data"]["test_batch_size"] or batch
+        if _on_device(cfg["data"], env.device):
+            loader = DeviceBatches(*in_memory_tensors(train_set), batch, env.device, sampler=sampler,
+                                   augment=cfg["data"]["augment"], drop_last=True, seed=tcfg["seed"] + env.rank)
+            self.test_loader = DeviceBatches(*in_memory_tensors(_shard(test_set, env)), test_batch, env.device)
+        else:
+            loader = DataLoader(train_set, batch, sampler=sampler, num_workers=workers, pin_memory=pin,
+                                drop_last=True)  # drop_last: a final batch of 1 would break batch norm
+            self.test_loader = DataLoader(_shard(test_set, env), test_batch, num_workers=workers, pin_memory=pin)
         self.normalize = Normalize(info.mean, info.std).to(env.device)
         self.sizes = (len(train_set), len(test_set))
         return TrainParts(model, loader, sampler, batch)
@@ -146,6 +158,13 @@ class Classification(Task):
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
+    def graph_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        return (self._inputs(batch[0]),)
+
+    def graph_captured(self) -> None:
+        if self.relay is not None and self.relay.hypernorm:
+            self.relay.test_only()  # the captured training passes run no Python: h, c are recorded in eval
+
     def train_step(self, net: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         images, labels = batch
         labels = labels.to(self.env.device, non_blocking=True)
@@ -160,7 +179,7 @@ class Classification(Task):
         return {"train_loss": sums["loss_sum"] / count, "train_top1_err": 100.0 * (1 - sums["hits"] / count)}
 
     def evaluate(self, net: nn.Module, epoch: int, last: bool, progress: bool) -> dict[str, Any] | None:
-        relay_rows = self.relay.read(epoch, "train") if self.relay else []
+        relay_rows = self.relay.read(epoch, "train") if self.relay and self.relay.phases["train"] else []
         if epoch % self.config["train"]["eval_every"] and not last:
             self._write_relay(relay_rows)
             return None

@@ -139,6 +139,7 @@ class RelayRecorder:
         self.model = model
         self.hypernorm = any(isinstance(m, HyperNorm) for m in model.modules())
         self.positions: list[tuple[int, int, str]] = []
+        self.phases = {"train": True, "test": True}
         if self.hypernorm:
             track_relay(model)
         else:
@@ -150,7 +151,14 @@ class RelayRecorder:
                               if getattr(model.get_submodule(name), "weight", None) is not None
                               and getattr(model.get_submodule(name), "bias", None) is not None]
 
+    def test_only(self) -> None:
+        """Record the test phase alone (e.g. the training steps replay CUDA graphs, where no Python runs)."""
+        self.phases["train"] = False
+        track_relay(self.model)
+
     def read(self, epoch: int, phase: str) -> list[dict[str, Any]]:
+        if not self.phases[phase]:
+            raise ValueError(f"RelayRecorder.read(): the {phase} phase is not recorded")
         if self.hypernorm:
             return relay_rows(self.model, epoch=epoch, phase=phase)
         return affine_rows(self.model, self.positions, epoch=epoch, phase=phase) if phase == "train" else []

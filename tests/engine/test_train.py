@@ -33,9 +33,10 @@ def test_one_epoch_trains_evaluates_and_writes_run_folder(cifar_root, tmp_path):
     assert train(tiny_config(cifar_root, out), quiet=True) == summary
 
 
-def test_kill_and_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_device", [False, True], ids=["dataloader", "on_device"])
+def test_kill_and_resume_equals_uninterrupted(cifar_root, tmp_path, monkeypatch, on_device):
     options = dict(model={"norm": "bhn"}, train={"epochs": 3, "deterministic": True},
-                   optim={"warmup_epochs": 1, "label_smoothing": 0.1})
+                   optim={"warmup_epochs": 1, "label_smoothing": 0.1}, data={"on_device": on_device})
     train(tiny_config(cifar_root, tmp_path / "straight", **options), quiet=True)
 
     real_save, saves = _Fit._save, []
