@@ -49,13 +49,13 @@ def experiment(overrides: list[str], output_dir: Path, workers: int, timeout: fl
             return None
 
 
-def epoch_seconds(run_dir: Path, calibration_images: int) -> float:
-    """A full epoch's time estimated from a calibration run's second epoch: 50k training images at its rate plus
-    its test pass."""
+def epoch_seconds(run_dir: Path, calibration_images: int, train_images: int) -> float:
+    """An epoch's time estimated from a calibration run's second epoch: the grid's training images at its rate
+    plus its test pass."""
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     last = rows[-1]
     rate, total = float(last["images_per_s"]), float(last["epoch_time_s"])
-    return TRAIN_IMAGES / rate + max(0.0, total - calibration_images / rate)
+    return train_images / rate + max(0.0, total - calibration_images / rate)
 
 
 def main() -> int:
@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--max-epochs", type=int, default=HE_EPOCHS)
     parser.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES)
+    parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES,
+                        help="training images per epoch of the grid (50,000: CIFAR's whole train set)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run (e.g. to try the "
                         "script on a CPU: train.device=cpu train.cuda_graphs=false)")
     args = parser.parse_args()
@@ -84,7 +86,7 @@ def main() -> int:
     if code is None or not runs:
         print(f"calibration did not finish (exit {code}); see {log}", flush=True)
         return 1
-    per_epoch = {p.name: epoch_seconds(p, args.calibration_images) for p in runs}
+    per_epoch = {p.name: epoch_seconds(p, args.calibration_images, args.train_images) for p in runs}
     slowest = max(per_epoch.values())
     left = deadline - time.monotonic() - STARTUP_S
     epochs = min(args.max_epochs, math.floor(left / (slowest * 1.05)))
