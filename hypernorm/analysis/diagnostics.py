@@ -74,18 +74,20 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
         positions = sorted({(stage, block) for _, _, stage, block in means})
         x = np.arange(len(positions))
         source = next(iter(means.values()))["source"]
-        epochs = sorted({epoch for phase, epoch, _, _ in means if phase == "train"})
+        # the training samples; the test set's where a run recorded no training rows (train.cuda_graphs)
+        phase = "train" if any(key[0] == "train" for key in means) else "test"
+        epochs = sorted({epoch for p, epoch, _, _ in means if p == phase})
         for row_index, var in enumerate(("h", "c")):
             ax = axes[row_index, col]
             for epoch in epochs:
-                values = [means.get(("train", epoch, *pos), {}).get(f"{var}_mean", np.nan) for pos in positions]
+                values = [means.get((phase, epoch, *pos), {}).get(f"{var}_mean", np.nan) for pos in positions]
                 ax.plot(x, values, "o-", ms=3, lw=1.2, color=cmap(norm(epoch)))
-            final = [means.get(("train", epochs[-1], *pos), {}) for pos in positions]
+            final = [means.get((phase, epochs[-1], *pos), {}) for pos in positions]
             mean = np.array([f.get(f"{var}_mean", np.nan) for f in final])
             std = np.array([f.get(f"{var}_std", np.nan) for f in final])
             over = "samples and channels" if source == "hn" else "channels"
             ax.fill_between(x, mean - std, mean + std, color=cmap(norm(epochs[-1])), alpha=0.25,
-                            label=f"± std over {over}, epoch {epochs[-1]}")
+                            label=f"± std over {over}, epoch {epochs[-1]}" + (" (test)" if phase == "test" else ""))
             ax.set_ylabel(LABELS[source][row_index] if source in LABELS else var)
             _block_axis(ax, positions)
             ax.legend(loc="best", fontsize=8)

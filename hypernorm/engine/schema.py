@@ -64,7 +64,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
 RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "data.on_device", "output.dir",
-                         "train.device", "train.threads", "train.allow_resize", "train.relay_diagnostics"}
+                         "train.device", "train.cuda_graphs", "train.threads", "train.allow_resize", "train.relay_diagnostics"}
 
 
 def _is_int(value: Any) -> bool:

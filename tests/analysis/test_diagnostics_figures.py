@@ -89,3 +89,18 @@ def test_broken_relay_file_is_a_one_line_error_naming_it(runs, text, message):
     path.write_text(text if text is not None else path.read_text().replace(",0,0,", ",x,0,", 1))
     with pytest.raises(ValueError, match=message):
         report(runs)
+
+
+def test_runs_with_test_rows_only_are_drawn_from_the_test_rows(tmp_path):
+    """train.cuda_graphs records h, c on the test set alone: the figure then draws the test rows per epoch."""
+    folder = write_run(tmp_path, "graphed", norm="bhn", seed=0)
+    _record(folder, "bhn")
+    lines = (folder / "relay.csv").read_text().splitlines()
+    (folder / "relay.csv").write_text("\n".join([lines[0]] + [line for line in lines[1:] if ",test," in line]) + "\n")
+    rows = find_relay_runs(tmp_path)[0]["rows"]
+    fig = plot_relay({"bhn": [rows]}, tmp_path / "relay.png", "title")
+    ax = fig.axes[0]
+    assert sum(line.get_marker() == "o" for line in ax.get_lines()) == 3  # one line per epoch
+    first = [r["h_mean"] for r in rows if r["epoch"] == 1 and r["stage"] == 0 and r["block"] == 0]
+    assert ax.get_lines()[0].get_ydata()[0] == pytest.approx(first[0])
+    assert "(test)" in ax.get_legend().get_texts()[0].get_text()
