@@ -74,8 +74,10 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
         positions = sorted({(stage, block) for _, _, stage, block in means})
         x = np.arange(len(positions))
         source = next(iter(means.values()))["source"]
-        # the training samples; the test set's where a run recorded no training rows (train.cuda_graphs)
-        phase = "train" if any(key[0] == "train" for key in means) else "test"
+        # the training samples; the test set's where training rows miss epochs that have test rows (the
+        # train.cuda_graphs epochs record the test phase alone)
+        seen = {p: {key[1] for key in means if key[0] == p} for p in ("train", "test")}
+        phase = "train" if seen["train"] and seen["train"] >= seen["test"] else "test"
         epochs = sorted({epoch for p, epoch, _, _ in means if p == phase})
         for row_index, var in enumerate(("h", "c")):
             ax = axes[row_index, col]
