@@ -110,6 +110,11 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("optim.label_smoothing=nan", "'optim.label_smoothing' expects a finite float"),
     ("output.dir=5", "'output.dir' expects a str"),
     ("optim.warmup_epochs=0.5", "'optim.warmup_epochs' expects an int"),
+    ("data.on_device=maybe", "'data.on_device' expects null, true or false"),
+    ("data.on_device=true;data.dataset=imagenet", r"'data.on_device' expects .*true only for CIFAR"),
+    ("train.cuda_graphs=1", "'train.cuda_graphs' expects a bool"),
+    ("train.cuda_graphs=true;train.device=cpu", "'train.cuda_graphs' expects false with train.device=cpu"),
+    ("train.cuda_graphs=true;train.amp=true", "'train.cuda_graphs' expects false with .*train.amp"),
 ])
 def test_bad_values_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
