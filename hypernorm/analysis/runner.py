@@ -41,6 +41,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -276,8 +277,22 @@ def _train_claimed(planned: PlannedRun, train_fn: TrainFn) -> tuple[str, str]:
     return "trained", ""
 
 
-def _worker(planned: PlannedRun, train_fn: TrainFn, conn: multiprocessing.connection.Connection) -> None:
+def _exit_with_runner(runner_pid: int) -> None:
+    """End this worker as soon as its runner is gone. A runner killed by a signal runs no cleanup, and its
+    orphaned workers would go on training while the next runner trains other runs (or, if someone deleted
+    the lock files, the same ones): a grid then holds more processes than cores."""
+    def watch() -> None:
+        while os.getppid() == runner_pid:
+            time.sleep(0.5)
+        os._exit(3)  # the run's last checkpoint stays; its lock goes with the process
+
+    threading.Thread(target=watch, name="exit-with-runner", daemon=True).start()
+
+
+def _worker(planned: PlannedRun, train_fn: TrainFn, conn: multiprocessing.connection.Connection,
+            runner_pid: int) -> None:
     """One run in a worker process; everything it prints goes to the run folder's train.log."""
+    _exit_with_runner(runner_pid)
     planned.run.folder.mkdir(parents=True, exist_ok=True)
     with open(planned.run.folder / "train.log", "ab") as log:
         sys.stdout.flush()
@@ -334,7 +349,7 @@ def _run_parallel(todo: list[PlannedRun], train_fn: TrainFn, workers: int):
             while pending and len(active) < workers:
                 planned = pending.popleft()
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker, args=(planned, train_fn, sender),
+                process = context.Process(target=_worker, args=(planned, train_fn, sender, os.getpid()),
                                           name=f"hypernorm-{planned.run.name}")
                 process.start()
                 sender.close()

@@ -3,6 +3,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,39 @@ def test_lazy_package_names_still_work():
             "'resnet20' in hypernorm.list_models())\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Complexity", "HyperNorm", "True"]
+
+
+def _alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (exited, not yet reaped by whoever adopted it) counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_workers_end_when_their_runner_is_killed(grid_file, journal):
+    """A runner killed by SIGKILL runs no cleanup: its workers must not train on as orphans."""
+    code = ("import sys; from hypernorm.analysis.runner import load_grid, run_grid; "
+            "from tests.analysis.fake_runs import FakeTrain; "
+            f"run_grid(load_grid({str(grid_file)!r}), FakeTrain({str(journal)!r}, sleep=120), workers=2)")
+    runner = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while len(journal_lines(journal) if journal.exists() else []) < 2:  # both workers are training
+            assert time.monotonic() < deadline and runner.poll() is None, "the workers never started"
+            time.sleep(0.2)
+        workers = [line["pid"] for line in journal_lines(journal)]
+        assert all(_alive(pid) for pid in workers)
+        runner.kill()
+        runner.wait()
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its runner"
+    finally:
+        runner.kill()
+        for line in journal_lines(journal) if journal.exists() else []:
+            if _alive(line["pid"]):
+                os.kill(line["pid"], 9)
