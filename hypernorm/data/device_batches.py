@@ -40,8 +40,8 @@ class DeviceBatches:
     """(uint8 images, int64 labels) batches on ``device`` in the order of ``sampler`` (or 0..N-1).
 
     ``augment``: random crop of the image zero-padded by 4 and horizontal flip, per sample. ``drop_last`` drops
-    a final short batch (training: a batch of 1 would break batch norm). ``set_epoch`` (or the sampler's epoch)
-    selects the crops, so each epoch draws new ones and a resumed epoch draws the same.
+    a final short batch (training: a batch of 1 would break batch norm). The sampler's epoch (its ``set_epoch``,
+    as for a DataLoader) selects the crops, so each epoch draws new ones and a resumed epoch draws the same.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device | str,
@@ -59,10 +59,6 @@ class DeviceBatches:
         self.images = torch.nn.functional.pad(images, (PAD,) * 4) if augment else images
         self.labels = labels.to(self.device, torch.long)
         self.batch_size, self.sampler, self.drop_last, self.seed = batch_size, sampler, drop_last, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def _order(self) -> torch.Tensor:
         if self.sampler is None:
@@ -75,7 +71,7 @@ class DeviceBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()
-        epoch = getattr(self.sampler, "epoch", self.epoch)
+        epoch = getattr(self.sampler, "epoch", 0)
         generator = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + epoch) if self.augment else None
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             index = order[start:start + self.batch_size]

@@ -63,8 +63,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
-RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "data.on_device", "output.dir",
-                         "train.device", "train.cuda_graphs", "train.threads", "train.allow_resize", "train.relay_diagnostics"}
+RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "data.on_device",
+                         "output.dir", "train.device", "train.cuda_graphs", "train.threads", "train.allow_resize",
+                         "train.relay_diagnostics"}
 
 
 def _is_int(value: Any) -> bool:

@@ -179,7 +179,7 @@ class Classification(Task):
         return {"train_loss": sums["loss_sum"] / count, "train_top1_err": 100.0 * (1 - sums["hits"] / count)}
 
     def evaluate(self, net: nn.Module, epoch: int, last: bool, progress: bool) -> dict[str, Any] | None:
-        relay_rows = self.relay.read(epoch, "train") if self.relay and self.relay.phases["train"] else []
+        relay_rows = self.relay.read(epoch, "train") if self.relay and self.relay.records_train else []
         if epoch % self.config["train"]["eval_every"] and not last:
             self._write_relay(relay_rows)
             return None

@@ -139,7 +139,7 @@ class RelayRecorder:
         self.model = model
         self.hypernorm = any(isinstance(m, HyperNorm) for m in model.modules())
         self.positions: list[tuple[int, int, str]] = []
-        self.phases = {"train": True, "test": True}
+        self.records_train = True  # False once the training passes replay CUDA graphs (test_only)
         if self.hypernorm:
             track_relay(model)
         else:
@@ -153,11 +153,11 @@ class RelayRecorder:
 
     def test_only(self) -> None:
         """Record the test phase alone (e.g. the training steps replay CUDA graphs, where no Python runs)."""
-        self.phases["train"] = False
+        self.records_train = False
         track_relay(self.model)
 
     def read(self, epoch: int, phase: str) -> list[dict[str, Any]]:
-        if not self.phases[phase]:
+        if phase == "train" and not self.records_train:
             raise ValueError(f"RelayRecorder.read(): the {phase} phase is not recorded")
         if self.hypernorm:
             return relay_rows(self.model, epoch=epoch, phase=phase)
