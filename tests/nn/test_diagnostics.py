@@ -137,15 +137,6 @@ def test_csv_replaces_the_epochs_a_resumed_run_repeats(tmp_path):
     assert rows[0]["h_mean"] == pytest.approx(1.0) and rows[0]["stage"] == 0 and rows[5]["block"] == 1
 
 
-@pytest.fixture
-def cifar_root(tmp_path, monkeypatch):
-    from tests.data.cifar_fixture import patch_checksums, write_official
-
-    root = tmp_path / "data"
-    patch_checksums(monkeypatch, "cifar10", write_official(root, "cifar10", n_train=64, n_test=32))
-    return root
-
-
 def test_trainer_writes_relay_rows_per_epoch_and_a_resume_does_not_repeat_them(cifar_root, tmp_path, monkeypatch):
     from hypernorm.engine import train
     from hypernorm.engine.loop import _Fit
