@@ -31,6 +31,13 @@ SMALL_EAGER_TRAINING_NUMEL_CPU = 0
 FAR_MEAN_OVER_STD = 8.0
 
 
+def per_map(t: torch.Tensor) -> torch.Tensor:
+    """(N, C) -> (N, C, 1, 1), to broadcast over each feature map. A view costs a third of t[:, :, None, None]
+    (about 1 against 2.5 us here), and an eager layer does this a dozen times a step."""
+    n, c = t.shape
+    return t.view(n, c, 1, 1)
+
+
 def small_eager_training(x: torch.Tensor) -> bool:
     limit = SMALL_EAGER_TRAINING_NUMEL_CPU if x.device.type == "cpu" else SMALL_EAGER_TRAINING_NUMEL
     return x.numel() < limit and eager_autograd(x)
@@ -102,8 +109,8 @@ def _direct_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> t
     scale = h * invstd
     bias = torch.addcmul(c, mean, scale, value=-1)
     if torch.is_grad_enabled():  # parameters need gradients (x does not): autograd's own ops
-        return torch.mul(x, scale[:, :, None, None]).add_(bias[:, :, None, None])
-    return torch.mul(x, scale[:, :, None, None], out=link.out).add_(bias[:, :, None, None])
+        return torch.mul(x, per_map(scale)).add_(per_map(bias))
+    return torch.mul(x, per_map(scale), out=link.out).add_(per_map(bias))
 
 
 def _is_eval_bn(norm: nn.Module) -> bool:
@@ -209,14 +216,14 @@ class _Statistics(torch.autograd.Function):
                 grad_square = _per_channel(grad_var / (C // G), C)
             else:
                 grad_m, grad_square = grad_m + grad_mean, grad_var
-        beta = (grad_m / count)[:, :, None, None]
+        beta = per_map(grad_m / count)
         if link.grad is None:  # the layer's output took no part in the loss
             grad = torch.zeros_like(x)
         else:
-            grad = torch.mul(link.grad, link.scale[:, :, None, None], out=link.grad_input)
+            grad = torch.mul(link.grad, per_map(link.scale), out=link.grad_input)
             link.grad = link.scale = link.grad_input = None
         if grad_square is not None:
-            grad.addcmul_(x, (grad_square * (2 / count))[:, :, None, None])
+            grad.addcmul_(x, per_map(grad_square * (2 / count)))
         return grad.add_(beta), None, None
 
 
@@ -232,7 +239,7 @@ class _DirectAffine(torch.autograd.Function):
         ctx.save_for_backward(x, h, scale, mean, invstd)
         ctx.link = link
         out, link.out = link.out, None
-        return torch.mul(x, scale[:, :, None, None], out=out).add_(bias[:, :, None, None])
+        return torch.mul(x, per_map(scale), out=out).add_(per_map(bias))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -266,7 +273,7 @@ def _shifted_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> 
     N, C, H, W = x.shape
     eval_bn = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not (norm.training or norm.running_mean is None)
     shift = norm.running_mean.to(x.dtype)[None, :] if eval_bn else _shift(norm, x)
-    d = x - shift[:, :, None, None]
+    d = x - per_map(shift)
     autograd = eager_autograd(x)
     m, square = _SampleMoments.apply(d) if autograd else _sample_moments(d)
     u = m + shift  # GAP(x), the LSTM input
@@ -283,8 +290,8 @@ def _shifted_standardize_affine(norm: nn.Module, x: torch.Tensor, lstm_step) -> 
         return _Affine.apply(d, scale, bias)
     # mul then add_: on CPU a broadcasting addcmul is several times slower than the two; in place on d
     # only when no graph keeps d for a backward
-    y = torch.mul(d, scale[:, :, None, None]) if torch.is_grad_enabled() else d.mul_(scale[:, :, None, None])
-    return y.add_(bias[:, :, None, None])
+    y = torch.mul(d, per_map(scale)) if torch.is_grad_enabled() else d.mul_(per_map(scale))
+    return y.add_(per_map(bias))
 
 
 def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -293,7 +300,7 @@ def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for IN): the kernels' float32 statistics lose precision when the mean is large against the spread."""
     kind = type(norm)
     if kind is nn.BatchNorm2d and norm.training and x.shape[0] * x.shape[2] * x.shape[3] > 1:
-        shift = _shift(norm, x, only_if_far=True)[:, :, None, None]
+        shift = per_map(_shift(norm, x, only_if_far=True))
         if not norm.track_running_stats:
             return norm(x - shift)
         # what BatchNorm2d.forward does, with the running mean tracked in the shifted frame
@@ -306,7 +313,7 @@ def standardize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
             norm.running_mean.copy_(running_mean + shift.flatten())
         return y
     if kind is nn.GroupNorm or (kind is nn.InstanceNorm2d and not norm.track_running_stats):
-        return norm(x - _shift(norm, x, only_if_far=True)[:, :, None, None])
+        return norm(x - per_map(_shift(norm, x, only_if_far=True)))
     return norm(x)
 
 
@@ -379,10 +386,10 @@ class _SampleMoments(torch.autograd.Function):
     def backward(ctx, grad_mean: torch.Tensor | None, grad_square: torch.Tensor | None) -> torch.Tensor:
         (d,) = ctx.saved_tensors
         count = d.shape[2] * d.shape[3]
-        grad = (grad_mean / count)[:, :, None, None] if grad_mean is not None else d.new_zeros(())
+        grad = per_map(grad_mean / count) if grad_mean is not None else d.new_zeros(())
         if grad_square is None:
             return grad.expand_as(d).clone(memory_format=torch.preserve_format)
-        return torch.mul(d, (grad_square * (2 / count))[:, :, None, None]).add_(grad)
+        return torch.mul(d, per_map(grad_square * (2 / count))).add_(grad)
 
 
 class _Affine(torch.autograd.Function):
@@ -392,12 +399,12 @@ class _Affine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, d: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(d, scale)
-        return torch.mul(d, scale[:, :, None, None]).add_(bias[:, :, None, None])
+        return torch.mul(d, per_map(scale)).add_(per_map(bias))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d, scale = ctx.saved_tensors
-        return grad * scale[:, :, None, None], _sum_of_products(grad, d), grad.sum(dim=(2, 3))
+        return grad * per_map(scale), _sum_of_products(grad, d), grad.sum(dim=(2, 3))
 
 
 def _per_channel(t: torch.Tensor, channels: int) -> torch.Tensor:

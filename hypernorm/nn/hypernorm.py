@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import fused as fused_kernels
+from .fused import per_map
 from .meta_lstm import FusedWeights, TrimmedLSTMCell
 from .norms import create_base_norm
 
@@ -32,6 +33,21 @@ class StageRelay(nn.Module):
     @property
     def channels(self) -> int:
         return self.cell.channels
+
+    # Every layer of every pass writes these; Module.__setattr__ (which sorts parameters, buffers and submodules)
+    # would cost microseconds a write, so they go straight to the instance dict.
+    def reset(self) -> None:
+        """Forget the relayed state and this pass's fused weights."""
+        self.__dict__["state"] = self.__dict__["weights"] = None
+
+    def hand_on(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.__dict__["state"] = state
+
+    def pass_weights(self) -> FusedWeights:
+        """The cell's fused GEMM weights, built by the first layer of the pass that needs them."""
+        if self.weights is None:
+            self.__dict__["weights"] = self.cell.fused_weights()
+        return self.weights
 
 
 class HyperNorm(nn.Module):
@@ -84,17 +100,17 @@ class HyperNorm(nn.Module):
     relay_stats: RelayStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         relay = self.relay
         if self.starts_stage:
-            relay.state = relay.weights = None
+            relay.reset()
         try:
+            self._check_input(x, relay)
             return self._forward_path(x)
         finally:
             if self.ends_stage:
-                relay.state = relay.weights = None
+                relay.reset()
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, relay: StageRelay) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a tensor, got {type(x).__name__}")
         if (x.dim() < 3 or x.shape[-1] != self.num_features) if self.channels_last else \
@@ -103,7 +119,7 @@ class HyperNorm(nn.Module):
             raise ValueError(f"{self.name}: expected input of shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
-        dtype = next(self.relay.cell.parameters()).dtype
+        dtype = relay.pass_weights()[0].dtype
         if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
             raise ValueError(f"{self.name}: input dtype {x.dtype} does not match the layer's parameters ({dtype}); "
                              f"cast one to the other (e.g. model.to({dtype})) or run under torch.autocast")
@@ -121,7 +137,7 @@ class HyperNorm(nn.Module):
             return fused_kernels.fused_standardize_affine(self.norm, x, self._lstm_step)
         # the standardizer's own kernel, then the affine; the LSTM step still as two GEMMs
         h, c = self._lstm_step(x.mean(dim=(2, 3)))
-        return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
+        return torch.addcmul(per_map(c), fused_kernels.standardize(self.norm, x), per_map(h))
 
     def _lstm_step(self, u: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, c) from the relayed state (zeros when not ``relayed``); the cell's fused weights are built once
@@ -129,11 +145,9 @@ class HyperNorm(nn.Module):
         relay = self.relay
         state = relay.state if self.relayed else None
         if reference:
-            relay.state = relay.cell.forward_reference(u, state)
+            relay.hand_on(relay.cell.forward_reference(u, state))
         else:
-            if relay.weights is None:
-                relay.weights = relay.cell.fused_weights()
-            relay.state = relay.cell(u, state, relay.weights)
+            relay.hand_on(relay.cell(u, state, relay.pass_weights()))
         if self.relay_stats is not None:
             self.relay_stats.add(*relay.state)
         return relay.state
@@ -142,7 +156,7 @@ class HyperNorm(nn.Module):
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c (``standardize`` is norm(x),
         with x shifted where its mean is far from its spread, for float32 precision)."""
         h, c = self._lstm_step(x.mean(dim=(2, 3)), reference=True)
-        return torch.addcmul(c[:, :, None, None], fused_kernels.standardize(self.norm, x), h[:, :, None, None])
+        return torch.addcmul(per_map(c), fused_kernels.standardize(self.norm, x), per_map(h))
 
     def _follow(self, relay: StageRelay) -> None:
         """Use ``relay`` without registering it: the stage's first layer owns it in the state_dict."""
