@@ -140,6 +140,7 @@ def collect_runs(root: str | Path) -> RunCollection:
         flat = {**flatten(_defaults()), **flatten(config)}
         rows.append({
             "run": name,
+            "folder": str(folder),
             "dataset": summary.get("dataset", flat["data.dataset"]),
             "model": flat["model.name"],
             "norm": flat["model.norm"],
@@ -255,7 +256,7 @@ def write_tables(runs: RunCollection, out_dir: str | Path) -> dict[str, Path]:
     paths["table.md"].write_text(format_table(summary) + format_excluded(runs.excluded))
     table_records = [{**{k: v for k, v in e.items() if k not in ("differs", "seeds")}, **e["differs"],
                       "seeds": " ".join(map(str, e["seeds"]))} for e in summary]
-    run_records = [{k: v for k, v in r.items() if k not in ("metrics", "config")} for r in runs.rows]
+    run_records = [{k: v for k, v in r.items() if k not in ("metrics", "config", "folder")} for r in runs.rows]
     for name, records in (("table.csv", table_records), ("runs.csv", run_records)):
         with paths[name].open("w", newline="") as f:
             if records:

@@ -11,12 +11,14 @@ Per figure one column per norm (BN, BHN, BHN without relay, ...), averaged over 
 """
 from __future__ import annotations
 
+import csv
+import json
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -24,26 +26,25 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..nn.diagnostics import read_relay_csv
-from .aggregate import norm_order
+from .aggregate import collect_runs, norm_order, setting_key, varying_keys
 
-__all__ = ["find_relay_runs", "plot_relay", "write_relay_figures"]
+__all__ = ["find_relay_runs", "plot_relay", "write_relay_figures", "relay_summary"]
 
 RELAY_FILE = "relay.csv"
 LABELS = {"hn": ("h (HyperNorm scale)", "c (HyperNorm shift)"), "affine": ("γ (BN weight)", "β (BN bias)")}
 
 
 def find_relay_runs(root: str | Path) -> list[dict[str, Any]]:
-    """Every run folder at or below ``root`` holding a relay.csv: its name, model, norm, batch and rows."""
+    """Every finished run at or below ``root`` (the runs of the report's table) with a relay.csv: its
+    name, folder, model, norm, batch, comparable config and relay rows. An unfinished run's relay.csv is
+    half a run, never a result; its folder is listed under the table instead."""
     runs = []
-    for path in sorted(Path(root).rglob(RELAY_FILE)):
-        config_path = path.parent / "config.yaml"
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-        rows = read_relay_csv(path)
+    for row in collect_runs(root).rows:
+        path = Path(row["folder"]) / RELAY_FILE
+        rows = read_relay_csv(path) if path.is_file() else []
         if rows:
-            runs.append({"run": path.parent.name, "folder": path.parent, "rows": rows,
-                         "model": config.get("model", {}).get("name", "model"),
-                         "norm": config.get("model", {}).get("norm", "norm"),
-                         "batch": config.get("train", {}).get("batch_size")})
+            runs.append({"run": Path(row["folder"]).name, "rows": rows,
+                         **{key: row[key] for key in ("folder", "dataset", "model", "norm", "batch", "config")}})
     return runs
 
 
@@ -141,8 +142,9 @@ def _block_axis(ax, positions: list[tuple[int, int]]) -> None:
 
 
 def write_relay_figures(root: str | Path, out_dir: str | Path) -> list[Path]:
-    """``relay_<run>.png`` per run folder with a relay.csv below ``root``, and ``relay_<model>_bs<batch>.png``
-    per model and batch size with a column per norm (mean over its runs); returns the paths written."""
+    """``relay_<run>.png`` per finished run with a relay.csv below ``root``; per setting (runs equal in all but
+    the seed and the norm) with at least two runs, ``relay_<model>_bs<batch>.png`` with a column per norm (mean
+    over its seeds) and ``relay_summary.md``/``.csv`` (:func:`relay_summary`). Returns the paths written."""
     runs = find_relay_runs(root)
     out_dir = Path(out_dir)
     if not runs:
@@ -153,15 +155,69 @@ def write_relay_figures(root: str | Path, out_dir: str | Path) -> list[Path]:
         path = out_dir / f"relay_{run['run']}.png"
         plot_relay({run["norm"]: [run["rows"]]}, path, f"relay diagnostics: {run['run']} ({run['model']})")
         written.append(path)
-    settings = defaultdict(list)
+    settings: dict[tuple, list[dict]] = defaultdict(list)
     for run in runs:
-        settings[(run["model"], run["batch"])].append(run)
-    for (model, batch), members in settings.items():
+        settings[(run["dataset"], run["model"], run["batch"], setting_key(run["config"], drop=("model.norm",)))
+                 ].append(run)
+    summaries = []
+    for (dataset, model, batch, setting), members in settings.items():
         if len(members) < 2:
             continue
         groups = {norm: [r["rows"] for r in members if r["norm"] == norm]
                   for norm in sorted({r["norm"] for r in members}, key=lambda n: (norm_order(n), n))}
-        path = out_dir / f"relay_{model}_bs{batch}.png"
-        plot_relay(groups, path, f"relay diagnostics: {model}, batch {batch}, mean over runs")
-        written.append(path)
+        # another setting of the same model and batch (another schedule, say): its own figure, its keys in the title
+        siblings = [dict(key[3]) for key in settings if key[:3] == (dataset, model, batch)]
+        values = {k: json.loads(dict(setting).get(k, "null")) for k in varying_keys(siblings)}
+        stem = f"relay_{model}_bs{batch}"
+        if len(siblings) > 1:
+            stem += re.sub(r"[^\w.=-]+", "-", "".join(f"_{k.split('.')[-1]}={v}" for k, v in values.items()))
+        label = "".join(f", {k}={v}" for k, v in values.items())
+        plot_relay(groups, out_dir / f"{stem}.png",
+                   f"relay diagnostics: {model}, batch {batch}{label}, mean over runs")
+        written.append(out_dir / f"{stem}.png")
+        summaries += [{"figure": f"{stem}.png", "dataset": dataset, "model": model, "batch": batch, **entry}
+                      for entry in relay_summary(groups)]
+    if summaries:
+        written += _write_summary(summaries, out_dir)
     return written
+
+
+# h varies this little between samples (std over samples, mean over channels) where a block gives every sample
+# practically the same scale
+SAME_FOR_EVERY_SAMPLE = 1e-3
+
+
+def relay_summary(groups: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """Per norm, the last epoch's rows (test phase where recorded) averaged over layers and runs: mean, spread
+    over samples and spread over channels of h and c, and how many blocks give every sample the same h."""
+    out = []
+    for norm, runs in groups.items():
+        means = _mean_rows(runs)
+        phase = "test" if any(key[0] == "test" for key in means) else "train"
+        last = max(key[1] for key in means if key[0] == phase)
+        final = [value for key, value in means.items() if key[0] == phase and key[1] == last]
+        entry: dict[str, Any] = {"norm": norm, "runs": len(runs), "epoch": last, "phase": phase,
+                                 "source": final[0]["source"], "layers": len(final)}
+        for stat in ("h_mean", "h_sample_std", "h_channel_std", "c_mean", "c_sample_std", "c_channel_std"):
+            entry[stat] = float(np.mean([row[stat] for row in final]))
+        entry["blocks_same_h"] = sum(row["h_sample_std"] < SAME_FOR_EVERY_SAMPLE for row in final)
+        out.append(entry)
+    return out
+
+
+def _write_summary(summaries: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    csv_path, md_path = out_dir / "relay_summary.csv", out_dir / "relay_summary.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(summaries[0]))
+        writer.writeheader()
+        writer.writerows(summaries)
+    lines = ["| figure | norm | runs | epoch (phase) | h mean | h std over samples | h std over channels | c std over "
+             f"samples | c std over channels | blocks with h std over samples < {SAME_FOR_EVERY_SAMPLE:g} |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for e in summaries:
+        lines.append(f"| {e['figure']} | {_display(e['norm'])} | {e['runs']} | {e['epoch']} ({e['phase']}) "
+                     f"| {e['h_mean']:.4f} | {e['h_sample_std']:.4f} | {e['h_channel_std']:.4f} "
+                     f"| {e['c_sample_std']:.4f} | {e['c_channel_std']:.4f} | {e['blocks_same_h']} of {e['layers']} |")
+    md_path.write_text("Relay diagnostics at the last epoch, mean over layers (blocks) and runs (seeds); BN rows: "
+                       "γ and β, the same for every sample.\n\n" + "\n".join(lines) + "\n")
+    return [csv_path, md_path]

@@ -1,10 +1,12 @@
 """Relay figures from run folders: drawn by `hypernorm report` wherever a run folder holds relay.csv."""
+import csv
+
 import matplotlib.image
 import pytest
 import torch
 
 from hypernorm.analysis.commands import report
-from hypernorm.analysis.diagnostics import find_relay_runs, plot_relay, write_relay_figures
+from hypernorm.analysis.diagnostics import find_relay_runs, plot_relay, relay_summary, write_relay_figures
 from hypernorm.nn import RelayRecorder, convert
 from hypernorm.nn.diagnostics import write_relay_csv
 
@@ -106,3 +108,46 @@ def test_runs_with_test_rows_only_are_drawn_from_the_test_rows(tmp_path):
     first = [r["h_mean"] for r in rows if r["epoch"] == 1 and r["stage"] == 0 and r["block"] == 0]
     assert ax.get_lines()[0].get_ydata()[0] == pytest.approx(first[0])
     assert "(test)" in ax.get_legend().get_texts()[0].get_text()
+
+
+def test_unfinished_runs_are_never_drawn_nor_pooled(runs):
+    """A running run's relay.csv is half a run: no figure of its own, not in the pooled one, not in the summary."""
+    folder = write_run(runs, "bhn_s2", norm="bhn", seed=2, done=False, status="running")
+    _record(folder, "bhn")
+    assert "bhn_s2" not in {r["run"] for r in find_relay_runs(runs)}
+    report(runs)
+    assert not (runs / "report" / "relay_bhn_s2.png").exists()
+    summary = (runs / "report" / "relay_summary.md").read_text()
+    assert "| BHN | 2 |" in summary and "| BHN | 3 |" not in summary
+
+
+def test_each_setting_gets_its_own_figure_and_summary_rows(runs):
+    """Runs of another schedule for the same model and batch are not averaged with the first setting's."""
+    for norm in ("bn", "bhn"):
+        for seed in (0, 1):
+            _record(write_run(runs, f"long_{norm}_s{seed}", norm=norm, seed=seed, epochs=5), norm, epochs=5)
+    report(runs)
+    out = runs / "report"
+    assert sorted(p.name for p in out.glob("relay_resnet20_bs128*.png")) == [
+        "relay_resnet20_bs128_epochs=3.png", "relay_resnet20_bs128_epochs=5.png"]
+    with (out / "relay_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["figure"], r["norm"], r["runs"], r["epoch"]) for r in rows} == {
+        ("relay_resnet20_bs128_epochs=3.png", "bn", "2", "3"), ("relay_resnet20_bs128_epochs=3.png", "bhn", "2", "3"),
+        ("relay_resnet20_bs128_epochs=3.png", "bhn_norelay", "2", "3"),
+        ("relay_resnet20_bs128_epochs=5.png", "bn", "2", "5"), ("relay_resnet20_bs128_epochs=5.png", "bhn", "2", "5")}
+
+
+def test_relay_summary_averages_the_last_epoch_over_layers_and_runs(runs):
+    found = [r for r in find_relay_runs(runs) if r["norm"] == "bhn"]
+    (entry,) = relay_summary({"bhn": [r["rows"] for r in found]})
+    last = [row for r in found for row in r["rows"] if row["epoch"] == 3 and row["phase"] == "test"]
+    assert entry["epoch"] == 3 and entry["phase"] == "test" and entry["runs"] == 2 and entry["layers"] == 4
+    for stat in ("h_mean", "h_sample_std", "c_channel_std"):
+        assert entry[stat] == pytest.approx(sum(row[stat] for row in last) / len(last))
+    per_block = {}
+    for row in last:
+        per_block.setdefault((row["stage"], row["block"]), []).append(row["h_sample_std"])
+    assert entry["blocks_same_h"] == sum(sum(v) / len(v) < 1e-3 for v in per_block.values())
+    (bn,) = relay_summary({"bn": [r["rows"] for r in find_relay_runs(runs) if r["norm"] == "bn"]})
+    assert bn["h_sample_std"] == 0 and bn["blocks_same_h"] == bn["layers"]  # one gamma for every sample
