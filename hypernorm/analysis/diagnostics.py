@@ -5,7 +5,9 @@ Per figure one column per norm (BN, BHN, BHN without relay, ...), averaged over 
 1. the scale per block: HN's h (mean over samples and channels), BN's gamma (mean over channels); one line per
    epoch, coloured by epoch; the last epoch with a band of +- its std;
 2. the shift per block: HN's c, BN's beta, the same way;
-3. at the last epoch (test set when it was evaluated): how much the scale varies between samples (std over
+3. how sample-specific the scale is per block (its std over samples, averaged over channels), one line per
+   epoch (test set when every epoch was evaluated): does the LSTM learn to tell samples apart, and when;
+4. at the last epoch (test set when it was evaluated): how much the scale varies between samples (std over
    samples, averaged over channels) against how much it varies between channels. BN's gamma is the same for
    every sample, so its first bar is zero.
 """
@@ -65,8 +67,8 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
     if not groups or not all(groups.values()):
         raise ValueError("plot_relay() needs at least one run with relay rows per column")
     columns = list(groups)
-    fig = Figure(figsize=(4.2 * len(columns) + 1.2, 9.0), layout="constrained")
-    axes = fig.subplots(3, len(columns), squeeze=False, sharey="row")
+    fig = Figure(figsize=(4.2 * len(columns) + 1.2, 12.0), layout="constrained")
+    axes = fig.subplots(4, len(columns), squeeze=False, sharey="row")
     last_epoch = max(row["epoch"] for runs in groups.values() for rows in runs for row in rows)
     norm = Normalize(vmin=1, vmax=max(last_epoch, 2))
     cmap = colormaps["viridis"]
@@ -96,10 +98,11 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
             ax.legend(loc="best", fontsize=8)
         runs_n = len(groups[label])
         axes[0, col].set_title(f"{_display(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
-        _spread_panel(axes[2, col], means, positions, source)
-    heights = [patch.get_height() for ax in axes[2] for patch in ax.patches if np.isfinite(patch.get_height())]
-    axes[2, 0].set_ylim(0, 1.4 * max(heights + [1e-6]))  # room for the legend above the bars (shared by the row)
-    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:2, :].ravel().tolist(), label="epoch",
+        _sample_spread_panel(axes[2, col], means, positions, epochs, phase, source, lambda e: cmap(norm(e)))
+        _spread_panel(axes[3, col], means, positions, source)
+    heights = [patch.get_height() for ax in axes[3] for patch in ax.patches if np.isfinite(patch.get_height())]
+    axes[3, 0].set_ylim(0, 1.4 * max(heights + [1e-6]))  # room for the legend above the bars (shared by the row)
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes[:3, :].ravel().tolist(), label="epoch",
                        shrink=0.8)
     bar.locator = MaxNLocator(integer=True)
     bar.update_ticks()
@@ -112,6 +115,20 @@ def _display(norm: str) -> str:
     """"bhn_norelay" -> "BHN, no relay"; "bn" -> "BN"."""
     stem, _, ablation = norm.partition("_")
     return stem.upper() + (", no relay" if ablation == "norelay" else f"_{ablation}" if ablation else "")
+
+
+def _sample_spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], epochs: list[int],
+                         phase: str, source: str, color) -> None:
+    """How sample-specific the scale is per block, one line per epoch: the test set's rows where every epoch
+    has them (fixed weights, held-out samples), else those of ``phase``."""
+    if set(epochs) <= {key[1] for key in means if key[0] == "test"}:
+        phase = "test"
+    x = np.arange(len(positions))
+    for epoch in epochs:
+        ax.plot(x, [means.get((phase, epoch, *pos), {}).get("h_sample_std", np.nan) for pos in positions], "o-",
+                ms=3, lw=1.2, color=color(epoch))
+    ax.set_ylabel(f"std of {'h' if source == 'hn' else 'γ'} over samples ({phase})")
+    _block_axis(ax, positions)
 
 
 def _spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], source: str) -> None:

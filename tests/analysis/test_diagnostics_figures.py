@@ -58,20 +58,27 @@ def test_grid_figure_has_a_column_per_norm_base_first_and_labelled_axes(runs, tm
     found = find_relay_runs(runs)
     groups = {norm: [r["rows"] for r in found if r["norm"] == norm] for norm in ("bn", "bhn", "bhn_norelay")}
     fig = plot_relay(groups, tmp_path / "relay.png", "title")
-    axes = fig.axes[:9]  # 3 rows x 3 columns, then the colour bar
+    axes = fig.axes[:12]  # 4 rows x 3 columns, then the colour bar
     assert [ax.get_title() for ax in axes[:3]] == ["BN (2 runs)", "BHN (2 runs)", "BHN, no relay (2 runs)"]
     assert axes[0].get_ylabel() == "γ (BN weight)" and axes[1].get_ylabel() == "h (HyperNorm scale)"
     assert axes[3].get_ylabel() == "β (BN bias)" and axes[4].get_ylabel() == "c (HyperNorm shift)"
-    assert "(test)" in axes[7].get_ylabel()  # the spread at the end is read on the test set
+    assert "(test)" in axes[10].get_ylabel()  # the spread at the end is read on the test set
     assert sum(line.get_marker() == "o" for line in axes[1].get_lines()) == 3  # one line per epoch
     ticks = [t.get_text() for t in axes[1].get_xticklabels()]
     assert ticks == ["1.1", "1.2", "2.1", "2.2"]
     # the bars are the mean over the runs of the last epoch's test rows
     bhn_rows = [[r for r in rows if r["epoch"] == 3 and r["phase"] == "test" and r["block"] == 0 and r["stage"] == 0]
                 for rows in groups["bhn"]]
-    first_bar = axes[7].patches[0].get_height()
+    first_bar = axes[10].patches[0].get_height()
     assert first_bar == pytest.approx(sum(rows[0]["h_sample_std"] for rows in bhn_rows) / 2)
-    assert axes[6].patches[0].get_height() == 0  # BN's gamma is one value for every sample
+    assert axes[9].patches[0].get_height() == 0  # BN's gamma is one value for every sample
+    # third row: the std over samples per block, one line per epoch, from the test rows of every epoch
+    per_epoch = [line for line in axes[7].get_lines() if line.get_marker() == "o"]
+    assert "(test)" in axes[7].get_ylabel() and len(per_epoch) == 3
+    epoch_2 = [[r for r in rows if r["epoch"] == 2 and r["phase"] == "test" and (r["stage"], r["block"]) == (1, 0)]
+               for rows in groups["bhn"]]
+    assert per_epoch[1].get_ydata()[2] == pytest.approx(sum(r[0]["h_sample_std"] for r in epoch_2) / 2)
+    assert set(axes[6].get_lines()[0].get_ydata()) == {0.0}  # BN: zero at every block
 
 
 def test_no_relay_files_no_figures(tmp_path):
