@@ -139,7 +139,11 @@ def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[
     m = x.mean(dim=(2, 3))
     if _is_eval_bn(norm):
         return m, m.new_empty(0), m.new_empty(0)
-    square = torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(H * W)  # mean square, no copy of x
+    if x.is_contiguous():
+        square = torch.linalg.vector_norm(x, dim=(2, 3)).square_().div_(H * W)  # mean square, no copy of x
+    else:  # channels-last: vector_norm over the strided H, W takes ~10x as long as x * x into the output buffer
+        # (overwritten by the affine later), then a sum; the sum and the mean reduce fast in either layout
+        square = torch.mul(x, x, out=link.out).mean(dim=(2, 3))
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
         if N * H * W == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
@@ -253,8 +257,10 @@ class _DirectAffine(torch.autograd.Function):
             _, grad_xscale, grad_bias = torch.ops.aten.native_batch_norm_backward(
                 grad.contiguous().view(1, N * C, H, W), x.view(1, N * C, H, W), None, zeros, ones, None, None,
                 False, 0.0, [False, True, True])
-        else:  # channels-last: (N, C) sums over the middle of each sample's (HW, C) block
-            grad_xscale, grad_bias = (grad * x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
+        else:  # channels-last: (N, C) sums over the middle of each sample's (HW, C) block; grad * x goes to the
+            # input gradient's buffer, which _Statistics' backward overwrites
+            grad_xscale = torch.mul(grad, x, out=ctx.link.grad_input).sum(dim=(2, 3))
+            grad_bias = grad.sum(dim=(2, 3))
         grad_bias = grad_bias.view(N, C)
         grad_scale = torch.addcmul(grad_xscale.view(N, C), mean, grad_bias, value=-1)
         ctx.link.grad, ctx.link.scale = grad, scale
