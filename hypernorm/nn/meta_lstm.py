@@ -89,19 +89,21 @@ class TrimmedLSTMCell(nn.Module):
 
 def _cell_step(u: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None, w0: torch.Tensor, b0: torch.Tensor,
                w1: torch.Tensor, b1: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(h', c') and what the backward needs: the hidden pre-activation z, the gate activations, sigmoid(c')."""
+    """(h', c') and what the backward needs: the bottleneck's activations r = relu(z), the gate activations,
+    sigmoid(c')."""
     C = u.shape[1]
     if h is None:  # zero state: [u, 0] @ W0 reads only W0's first C rows, and f * 0 drops out
         z = torch.addmm(b0, u, w0.narrow(0, 0, C))
     else:
         z = torch.addmm(b0, torch.cat([u, h], dim=1), w0)
-    gates = torch.addmm(b1, torch.relu(z), w1)
+    r = torch.relu(z)
+    gates = torch.addmm(b1, r, w1)
     s = torch.sigmoid(gates)  # the g quarter is unused; one kernel over all four beats three slices
     i, f, _, o = s.chunk(4, dim=1)  # one call for the four views: indexing costs microseconds each
     g = torch.tanh(gates.narrow(1, 2 * C, C))
     c_new = i * g if c is None else torch.addcmul(f * c, i, g)
     squashed = torch.sigmoid(c_new)
-    return o * squashed, c_new, z, s, g, squashed
+    return o * squashed, c_new, r, s, g, squashed
 
 
 class _CellStep(torch.autograd.Function):
@@ -110,27 +112,25 @@ class _CellStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, h, c, w0, b0, w1, b1):
-        h_new, c_new, z, s, g, squashed = _cell_step(u, h, c, w0, b0, w1, b1)
-        ctx.save_for_backward(u, h, c, w0, w1, z, s, g, squashed)
+        h_new, c_new, r, s, g, squashed = _cell_step(u, h, c, w0, b0, w1, b1)
+        ctx.save_for_backward(u, h, c, w0, w1, r, s, g, squashed)
         return h_new, c_new
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_h, grad_c):
-        u, h, c, w0, w1, z, s, g, squashed = ctx.saved_tensors
+        u, h, c, w0, w1, r, s, g, squashed = ctx.saved_tensors
         C = u.shape[1]
         i, f, _, o = s.chunk(4, dim=1)
+        aten = torch.ops.aten  # the activations' own backward kernels: one call each instead of three or four
         # c' -> h' = o * sigmoid(c'): dc' += dh' * o * sigmoid'(c')
-        grad_squashed = grad_h * o
-        grad_c = torch.addcmul(grad_c, grad_squashed, squashed - squashed * squashed)
+        grad_c = torch.addcmul(grad_c, aten.sigmoid_backward(grad_h, squashed), o)
         # the gates' gradients before their nonlinearities, all four quarters in a few whole-width ops
         upstream = torch.cat([grad_c * g, grad_c * c if c is not None else torch.zeros_like(grad_c),
                               grad_c * i, grad_h * squashed], dim=1)
-        slope = s - s * s
-        slope.narrow(1, 2 * C, C).copy_(1 - g * g)
-        grad_gates = upstream.mul_(slope)
-        r = torch.relu(z)
-        grad_z = (grad_gates @ w1.t()).mul_(z > 0)
+        grad_gates = aten.sigmoid_backward(upstream, s)
+        aten.tanh_backward.grad_input(upstream.narrow(1, 2 * C, C), g, grad_input=grad_gates.narrow(1, 2 * C, C))
+        grad_z = aten.threshold_backward(grad_gates @ w1.t(), r, 0)
         hu = u if h is None else torch.cat([u, h], dim=1)
         w0_used = w0.narrow(0, 0, C) if h is None else w0
         grad_hu = grad_z @ w0_used.t()

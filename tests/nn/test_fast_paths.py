@@ -49,6 +49,24 @@ def assert_same_run(a, b, **tol):
 
 
 @pytest.mark.parametrize("with_state", [False, True])
+def test_lstm_step_backward_passes_gradcheck(with_state):
+    """The hand-written backward of the fused step against finite differences (float64), for u, the state and
+    the fused weights."""
+    torch.manual_seed(0)
+    cell = TrimmedLSTMCell(6, reduction=2).double()
+    weights = tuple(w.detach().clone().requires_grad_(True) for w in cell.fused_weights())
+    u = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    state = (torch.rand(3, 6, dtype=torch.float64, requires_grad=True),
+             torch.randn(3, 6, dtype=torch.float64, requires_grad=True)) if with_state else ()
+
+    def step(u, *rest):
+        h, c = cell(u, tuple(rest[:2]) if with_state else None, rest[-4:])
+        return h, c
+
+    assert torch.autograd.gradcheck(step, (u, *state, *weights))
+
+
+@pytest.mark.parametrize("with_state", [False, True])
 def test_lstm_step_matches_reference(with_state):
     cell = TrimmedLSTMCell(12, reduction=4)
     u = torch.randn(5, 12, requires_grad=True)
