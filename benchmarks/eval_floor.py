@@ -46,7 +46,7 @@ def main() -> None:
     seen: list[tuple[HyperNorm, torch.Tensor, tuple | None]] = []  # each layer's input and the state handed to it
 
     def keep(layer, inputs):
-        seen.append((layer, inputs[0], layer.relay.state if layer.relayed and not layer.starts_stage else None))
+        seen.append((layer, inputs[0], layer.relay.state if layer.relayed else None))
 
     handles = [m.register_forward_pre_hook(keep) for m in layers]
     with torch.inference_mode():

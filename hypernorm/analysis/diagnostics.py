@@ -131,10 +131,14 @@ def _sample_spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int
     _block_axis(ax, positions)
 
 
+def _last_epoch(means: dict[tuple, dict]) -> tuple[str, int]:
+    """Where the end-of-training numbers come from: the last epoch of the test phase where it was recorded."""
+    phase = "test" if any(key[0] == "test" for key in means) else "train"
+    return phase, max(key[1] for key in means if key[0] == phase)
+
+
 def _spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], source: str) -> None:
-    phases = {phase for phase, *_ in means}
-    phase = "test" if "test" in phases else "train"
-    last = max(epoch for p, epoch, *_ in means if p == phase)
+    phase, last = _last_epoch(means)
     final = [means.get((phase, last, *pos), {}) for pos in positions]
     x = np.arange(len(positions))
     name = "h" if source == "hn" else "γ"
@@ -210,8 +214,7 @@ def relay_summary(groups: dict[str, list[list[dict[str, Any]]]]) -> list[dict[st
     out = []
     for norm, runs in groups.items():
         means = _mean_rows(runs)
-        phase = "test" if any(key[0] == "test" for key in means) else "train"
-        last = max(key[1] for key in means if key[0] == phase)
+        phase, last = _last_epoch(means)
         final = [value for key, value in means.items() if key[0] == phase and key[1] == last]
         entry: dict[str, Any] = {"norm": norm, "runs": len(runs), "epoch": last, "phase": phase,
                                  "source": final[0]["source"], "layers": len(final)}
