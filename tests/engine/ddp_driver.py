@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from hypernorm.cli import main
+from hypernorm.engine.distributed import destroy_process_group
 
 if __name__ == "__main__":
     torch.set_default_dtype(torch.float64)
@@ -23,4 +24,4 @@ if __name__ == "__main__":
             if code:
                 sys.exit(code)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()

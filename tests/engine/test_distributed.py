@@ -88,3 +88,43 @@ def test_cpu_sync_batchnorm_without_process_group_is_batch_norm():
     x = torch.randn(4, 3, 5, 5)
     torch.testing.assert_close(sync(x), bn(x))
     torch.testing.assert_close(sync.running_var, bn.running_var)
+
+
+TEARDOWN_SCRIPT = """
+import json, os, sys, weakref
+import torch
+import torch.distributed as dist
+from torch import nn
+from hypernorm.engine.distributed import process_group
+
+models = []
+destroy = dist.destroy_process_group
+def recording_destroy(*args, **kwargs):  # is the trained model (its parameters hold DDP's hooks) still alive?
+    with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as f:
+        json.dump({"models_alive": sum(ref() is not None for ref in models)}, f)
+    destroy(*args, **kwargs)
+dist.destroy_process_group = recording_destroy
+
+def train():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model.owner = [model]  # a reference cycle, as relays and their owners make
+    models.append(weakref.ref(model))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp(torch.randn(4, 4)).sum().backward()
+
+with process_group("cpu"):
+    train()
+"""
+
+
+def test_the_group_outlives_every_ddp_model(tmp_path):
+    """A DDP reducer left to interpreter exit aborts a gloo process now and then (SIGABRT, 'terminate called without
+    an active exception'): the group is destroyed only after the models the run left behind are collected."""
+    script = tmp_path / "teardown.py"
+    script.write_text(TEARDOWN_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {"models_alive": 0}
