@@ -216,6 +216,12 @@ def norm_order(norm: str) -> tuple[bool, bool]:
     return norm.split("_")[0].endswith("hn"), "_" in norm
 
 
+def norm_label(norm: str) -> str:
+    """How tables, legends and figure titles name a norm: "bn" -> "BN", "bhn_norelay" -> "BHN, no relay"."""
+    stem, _, ablation = norm.partition("_")
+    return stem.upper() + (", no relay" if ablation == "norelay" else f"_{ablation}" if ablation else "")
+
+
 def _pm(entry: dict, metric: str) -> str:
     mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
@@ -235,7 +241,7 @@ def format_table(summary: list[dict[str, Any]]) -> str:
     ]
     for e in summary:
         cells = "".join(f"{_cell(e['differs'][k])} | " for k in extra)
-        lines.append(f"| {e['dataset']} | {e['model']} | {str(e['norm']).upper()} | {e['batch']} | {cells}"
+        lines.append(f"| {e['dataset']} | {e['model']} | {norm_label(str(e['norm']))} | {e['batch']} | {cells}"
                      f"{_pm(e, 'final_top1')} | {_pm(e, 'best_top1')} | {_pm(e, 'final_top5')} | {e['n']} |")
     return "\n".join(lines) + "\n"
 

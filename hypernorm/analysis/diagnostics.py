@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..nn.diagnostics import read_relay_csv
-from .aggregate import collect_runs, norm_order, setting_key, varying_keys
+from .aggregate import collect_runs, norm_label, norm_order, setting_key, varying_keys
 
 __all__ = ["find_relay_runs", "plot_relay", "write_relay_figures", "relay_summary"]
 
@@ -97,7 +97,7 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
             _block_axis(ax, positions)
             ax.legend(loc="best", fontsize=8)
         runs_n = len(groups[label])
-        axes[0, col].set_title(f"{_display(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
+        axes[0, col].set_title(f"{norm_label(label)} ({runs_n} run{'s' if runs_n > 1 else ''})")
         _sample_spread_panel(axes[2, col], means, positions, epochs, phase, source, lambda e: cmap(norm(e)))
         _spread_panel(axes[3, col], means, positions, source)
     heights = [patch.get_height() for ax in axes[3] for patch in ax.patches if np.isfinite(patch.get_height())]
@@ -109,12 +109,6 @@ def plot_relay(groups: dict[str, list[list[dict[str, Any]]]], path: str | Path, 
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return fig
-
-
-def _display(norm: str) -> str:
-    """"bhn_norelay" -> "BHN, no relay"; "bn" -> "BN"."""
-    stem, _, ablation = norm.partition("_")
-    return stem.upper() + (", no relay" if ablation == "norelay" else f"_{ablation}" if ablation else "")
 
 
 def _sample_spread_panel(ax, means: dict[tuple, dict], positions: list[tuple[int, int]], epochs: list[int],
@@ -235,7 +229,7 @@ def _write_summary(summaries: list[dict[str, Any]], out_dir: Path) -> list[Path]
              f"samples | c std over channels | blocks with h std over samples < {SAME_FOR_EVERY_SAMPLE:g} |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for e in summaries:
-        lines.append(f"| {e['figure']} | {_display(e['norm'])} | {e['runs']} | {e['epoch']} ({e['phase']}) "
+        lines.append(f"| {e['figure']} | {norm_label(e['norm'])} | {e['runs']} | {e['epoch']} ({e['phase']}) "
                      f"| {e['h_mean']:.4f} | {e['h_sample_std']:.4f} | {e['h_channel_std']:.4f} "
                      f"| {e['c_sample_std']:.4f} | {e['c_channel_std']:.4f} | {e['blocks_same_h']} of {e['layers']} |")
     md_path.write_text("Relay diagnostics at the last epoch, mean over layers (blocks) and runs (seeds); BN rows: "

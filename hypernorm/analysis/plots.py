@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: works headless, whatever the backend
 
-from .aggregate import norm_order, setting_key, varying_keys
+from .aggregate import norm_label, norm_order, setting_key, varying_keys
 
 __all__ = ["plot_curves", "plot_batch_size"]
 
@@ -44,7 +44,7 @@ def _lines(rows: list[dict[str, Any]], drop: tuple[str, ...] = ()) -> list[tuple
     out = []
     for (norm, _), runs in sorted(lines.items(), key=lambda item: (norm_order(item[0][0]), item[0])):
         config = runs[0].get("config", {})
-        label = norm.upper() + "".join(f", {k}={config.get(k)}" for k in differing)
+        label = norm_label(norm) + "".join(f", {k}={config.get(k)}" for k in differing)
         out.append((norm, label, runs))
     return out
 

@@ -159,3 +159,14 @@ def test_a_copied_run_is_not_another_seed(tmp_path):
     table = report(tmp_path)
     assert "| 11.000 ± 1.414 |" in table and table.count("| cifar10 |") == 1
     assert "- b: same config and seed (0) as a: a copy, not another seed" in table
+
+
+def test_the_ablation_has_one_name_in_table_legend_and_relay_figure(tmp_path):
+    for seed in (0, 1):
+        write_run(tmp_path, f"bhn{seed}", norm="bhn", seed=seed)
+        write_run(tmp_path, f"norelay{seed}", norm="bhn_norelay", seed=seed, final=11.0)
+    rows = collect_runs(tmp_path).rows
+    table = write_tables(collect_runs(tmp_path), tmp_path / "out")["table.md"].read_text()
+    assert "| cifar10 | resnet20 | BHN, no relay | 128 | 11.000 ± 0.000 |" in table and "NORELAY" not in table
+    labels = [line.get_label() for line in plot_curves(rows, tmp_path / "c.png", "resnet20", 128).axes[0].get_lines()]
+    assert labels == ["BHN train (n=2)", "BHN test (n=2)", "BHN, no relay train (n=2)", "BHN, no relay test (n=2)"]
