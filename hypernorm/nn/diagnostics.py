@@ -35,19 +35,35 @@ RELAY_FIELDS = ["epoch", "phase", "source", "stage", "block", "layer", "samples"
 
 
 class RelayStats:
-    """Per-channel sums of h, h^2, c, c^2 (float64) and the sample count since the last reset."""
+    """Per-channel sums of h, h^2, c, c^2 (float64) and the sample count since the last reset.
+
+    Both are tensors updated in place, so that :meth:`add` traces into a compiled graph: no graph break at
+    each layer (which split a compiled ResNet into a graph per block and recompiled past dynamo's limit), and
+    no guard on a count that changes every step."""
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
-        self.count = 0
+        self.samples: torch.Tensor | None = None
 
-    @torch.compiler.disable  # a graph break only while tracking; the layer never calls it otherwise
     @torch.no_grad()
     def add(self, h: torch.Tensor, c: torch.Tensor) -> None:
         h, c = h.detach().double(), c.detach().double()
         batch = torch.stack([h.sum(0), h.square().sum(0), c.sum(0), c.square().sum(0)])
-        self.sums = batch if self.sums is None else self.sums.add_(batch)
-        self.count += h.shape[0]
+        if self.sums is None:
+            self.sums, self.samples = batch, batch.new_full((), h.shape[0])
+        else:
+            self.sums.add_(batch)
+            self.samples.add_(h.shape[0])
+
+    def reset(self) -> None:
+        """Start the sums afresh, in place."""
+        if self.sums is not None:
+            self.sums.zero_()
+            self.samples.zero_()
+
+    @property
+    def count(self) -> int:
+        return 0 if self.samples is None else int(self.samples)
 
     def summary(self) -> dict[str, float]:
         """The :data:`STAT_FIELDS` of the samples seen so far."""
@@ -102,7 +118,7 @@ def relay_rows(model: nn.Module, reset: bool = True, **columns: Any) -> list[dic
         rows.append({**columns, "source": "hn", "stage": stage, "block": block, "layer": name,
                      "samples": stats.count, **stats.summary()})
         if reset:
-            layer.relay_stats = RelayStats()
+            stats.reset()
     return rows
 
 

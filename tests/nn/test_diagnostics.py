@@ -90,12 +90,24 @@ def test_tracking_off_compiles_without_graph_breaks_and_costs_nothing():
     assert relay_rows(model) == []
 
 
-def test_tracking_on_under_compile_still_counts():
-    model = track_relay(convert(TinyNet(), "bhn").eval())
-    compiled = torch.compile(model)  # a graph break at each record, the rest compiled
-    with torch.no_grad():
-        compiled(torch.randn(3, 3, 8, 8))
-    assert [r["samples"] for r in relay_rows(model)] == [3] * 4
+def test_tracking_on_compiles_in_one_graph_and_counts_every_step_as_eager():
+    """fullgraph: a graph break per layer split a compiled ResNet into a graph per block, and a Python count
+    guarded by dynamo recompiled every step; with both, train.compile=true ran slower than eager."""
+    torch.manual_seed(0)
+    eager = track_relay(convert(TinyNet(), "bhn"))
+    model = track_relay(copy.deepcopy(eager))
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
+    for _ in range(3):  # training steps: the sums and the count grow in place inside the graph
+        x = torch.randn(3, 3, 8, 8)
+        eager(x).sum().backward()
+        compiled(x).sum().backward()
+    rows, expected = relay_rows(model), relay_rows(eager)
+    assert [r["samples"] for r in rows] == [9] * 4
+    for row, reference in zip(rows, expected):
+        assert row.keys() == reference.keys()
+        for key in reference:
+            assert row[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+    assert relay_rows(model) == []  # reset: no sample since
 
 
 def test_affine_rows_read_gamma_and_beta_where_hypernorm_would_go():
