@@ -37,9 +37,8 @@ RELAY_FIELDS = ["epoch", "phase", "source", "stage", "block", "layer", "samples"
 class RelayStats:
     """Per-channel sums of h, h^2, c, c^2 (float64) and the sample count since the last reset.
 
-    Both are tensors updated in place, so that :meth:`add` traces into a compiled graph: no graph break at
-    each layer (which split a compiled ResNet into a graph per block and recompiled past dynamo's limit), and
-    no guard on a count that changes every step."""
+    Both are tensors updated in place, so that :meth:`add` traces into a compiled graph: a graph break at each
+    layer split a compiled ResNet into a graph per block, recompiled past dynamo's limit (docs/performance.md)."""
 
     def __init__(self) -> None:
         self.sums: torch.Tensor | None = None
