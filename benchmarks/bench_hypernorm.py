@@ -58,9 +58,12 @@ class Setting:
     channels_last: bool = False
     amp: bool = False
     cuda_graphs: bool = False  # training: forward + backward replayed as CUDA graphs (train.cuda_graphs)
+    compile_mode: str | None = None  # torch.compile's mode; None: its default
 
     def label(self) -> str:
         flags = [name for name in ("compile", "channels_last", "amp", "cuda_graphs") if getattr(self, name)]
+        if self.compile and self.compile_mode:
+            flags[0] = f"compile({self.compile_mode})"
         return "+".join(flags) or "eager"
 
 
@@ -108,7 +111,7 @@ class Runner:
         self.loss = nn.CrossEntropyLoss()
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         if setting.compile:
-            self.forward = torch.compile(self.model)
+            self.forward = torch.compile(self.model, mode=setting.compile_mode)
         if setting.cuda_graphs and mode == "train":  # inference stays eager, as in train.cuda_graphs
             torch.cuda.make_graphed_callables(self.model, (self.x,), allow_unused_input=True)
 
@@ -119,6 +122,8 @@ class Runner:
         return contextlib.nullcontext()
 
     def step(self) -> None:
+        if self.setting.compile_mode == "reduce-overhead":  # a new iteration: the last one's graph outputs are free
+            torch.compiler.cudagraph_mark_step_begin()
         if self.mode == "train":
             self.optimizer.zero_grad(set_to_none=True)
             with self.autocast():
@@ -257,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=0, help="iterations per repetition (0: by workload)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per network (at least 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument("--compile-mode", choices=["reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="torch.compile's mode (default: its default); reduce-overhead replays CUDA graphs")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--amp", action="store_true", help="autocast (bfloat16 on CPU, float16 on CUDA)")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -278,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available; use --device cpu")
+    if args.compile_mode and not (args.compile or args.all_settings):
+        parser.error("--compile-mode needs --compile or --all-settings")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         parser.error("--cuda-graphs needs --device cuda")
     if args.clock == "process" and args.device != "cpu":
@@ -302,10 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.batches = 3, [8]
     if args.all_settings:
-        settings = [Setting(args.device), Setting(args.device, cuda_graphs=True), Setting(args.device, compile=True),
-                    Setting(args.device, compile=True, channels_last=True, amp=True)]
+        mode = args.compile_mode
+        settings = [Setting(args.device), Setting(args.device, cuda_graphs=True),
+                    Setting(args.device, compile=True, compile_mode=mode),
+                    Setting(args.device, compile=True, channels_last=True, amp=True, compile_mode=mode)]
     else:
-        settings = [Setting(args.device, args.compile, args.channels_last, args.amp, args.cuda_graphs)]
+        settings = [Setting(args.device, args.compile, args.channels_last, args.amp, args.cuda_graphs,
+                            args.compile_mode)]
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
           f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}", flush=True)
