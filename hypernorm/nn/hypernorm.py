@@ -130,18 +130,25 @@ class HyperNorm(nn.Module):
         if self.channels_last:  # the standardizer's own kernel (a LayerNorm), then the affine over the last dim
             h, c = self._lstm_step(x.mean(dim=tuple(range(1, x.dim() - 1))))
             shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (self.num_features,)
-            return torch.addcmul(c.view(shape), self.norm(x), h.view(shape))
+            return _affine(self.norm(x), h.view(shape), c.view(shape))
         if not self.fused:
             return self._forward_reference(x)
         if fused_kernels.can_fuse(self.norm) and not fused_kernels.small_eager_training(x):
             return fused_kernels.fused_standardize_affine(self.norm, x, self._lstm_step)
         # the standardizer's own kernel, then the affine; the LSTM step still as two GEMMs
         h, c = self._lstm_step(x.mean(dim=(2, 3)))
-        return torch.addcmul(per_map(c), fused_kernels.standardize(self.norm, x), per_map(h))
+        return _affine(fused_kernels.standardize(self.norm, x), per_map(h), per_map(c))
 
     def _lstm_step(self, u: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, c) from the relayed state (zeros when not ``relayed``); the cell's fused weights are built once
-        per stage and pass. ``reference``: the cell's step as the equations read."""
+        per stage and pass. ``reference``: the cell's step as the equations read.
+
+        Under autocast the step runs in float32, as autocast runs a norm: its GEMMs are (N, C), too small to
+        gain from half precision, and its state is relayed through a stage, where half-precision rounding
+        would compound; x's dtype is restored where the affine meets x."""
+        if torch.is_autocast_enabled(u.device.type):
+            with torch.autocast(u.device.type, enabled=False):
+                return self._lstm_step(u.float(), reference)
         relay = self.relay
         state = relay.state if self.relayed else None
         if reference:
@@ -156,7 +163,7 @@ class HyperNorm(nn.Module):
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c (``standardize`` is norm(x),
         with x shifted where its mean is far from its spread, for float32 precision)."""
         h, c = self._lstm_step(x.mean(dim=(2, 3)), reference=True)
-        return torch.addcmul(per_map(c), fused_kernels.standardize(self.norm, x), per_map(h))
+        return _affine(fused_kernels.standardize(self.norm, x), per_map(h), per_map(c))
 
     def _follow(self, relay: StageRelay) -> None:
         """Use ``relay`` without registering it: the stage's first layer owns it in the state_dict."""
@@ -169,6 +176,13 @@ class HyperNorm(nn.Module):
         role = "owns the stage LSTM" if self.starts_stage else "uses the stage LSTM"
         relay = "relays its state" if self.relayed else "no relay: zero state at every block"
         return f"{self.num_features}, {role}, {relay}, ends_stage={self.ends_stage}"
+
+
+def _affine(x_hat: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """h * x_hat + c in x_hat's dtype, as the standardizer gives it (h and c are float32 under autocast)."""
+    if h.dtype != x_hat.dtype:
+        h, c = h.to(x_hat.dtype), c.to(x_hat.dtype)
+    return torch.addcmul(c, x_hat, h)
 
 
 def share_relay(layers: Sequence[HyperNorm]) -> StageRelay:

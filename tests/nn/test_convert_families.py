@@ -131,6 +131,11 @@ def test_train_step_eval_independence_and_state_dict(family):
     out.square().sum().backward()
     lstm = [p for m in model.modules() if isinstance(m, HyperNorm) and m.starts_stage for p in m.relay.parameters()]
     assert lstm and all(p.grad is not None for p in lstm) and sum(p.grad.abs().sum() for p in lstm) > 0
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision trains too, every LSTM reached
+        out = model(x)
+    out.float().square().sum().backward()  # outside autocast, as PyTorch's AMP recipe has it
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in lstm)
     model.eval()
     with torch.no_grad():
         alone, in_batch = model(x[1:2]), model(x)[1:2]
