@@ -120,7 +120,7 @@ class HyperNorm(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
         dtype = relay.pass_weights()[0].dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"{self.name}: input dtype {x.dtype} does not match the layer's parameters ({dtype}); "
                              f"cast one to the other (e.g. model.to({dtype})) or run under torch.autocast")
 
@@ -146,7 +146,7 @@ class HyperNorm(nn.Module):
         Under autocast the step runs in float32, as autocast runs a norm: its GEMMs are (N, C), too small to
         gain from half precision, and its state is relayed through a stage, where half-precision rounding
         would compound; x's dtype is restored where the affine meets x."""
-        if torch.is_autocast_enabled(u.device.type):
+        if autocast_enabled(u.device.type):
             with torch.autocast(u.device.type, enabled=False):
                 return self._lstm_step(u.float(), reference)
         relay = self.relay
@@ -176,6 +176,16 @@ class HyperNorm(nn.Module):
         role = "owns the stage LSTM" if self.starts_stage else "uses the stage LSTM"
         relay = "relays its state" if self.relayed else "no relay: zero state at every block"
         return f"{self.num_features}, {role}, {relay}, ends_stage={self.ends_stage}"
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device type without autocast (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+    except TypeError:  # torch < 2.4 asks per device type by name
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _affine(x_hat: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
