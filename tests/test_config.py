@@ -95,7 +95,7 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
     ("train.channels_last=1", "'train.channels_last' expects a bool"),
     ("train.grad_clip=0", "'train.grad_clip' expects a positive number or null, got 0"),
     ("train.grad_clip=.nan", "'train.grad_clip' expects a positive number or null, got nan"),
-    ("train.compile=fast", "'train.compile' expects a bool"),
+    ("train.compile=fast", "'train.compile' expects true, false or null"),
     ("train.seed=1.5", "'train.seed' expects an int"),
     ("train.deterministic=2", "'train.deterministic' expects a bool"),
     ("train.allow_resize=sure", "'train.allow_resize' expects a bool"),

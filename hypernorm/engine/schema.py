@@ -36,7 +36,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "amp": False,  # float16 autocast + GradScaler, CUDA only
         "channels_last": False,
         "grad_clip": None,  # max global L2 norm of the gradients, or null
-        "compile": False,  # torch.compile the model
+        "compile": None,  # torch.compile the model (null: where it pays, a HyperNorm network in a long run)
         "cuda_graphs": False,  # replay each training step's forward + backward as a CUDA graph (one GPU, float32)
         "seed": 0,
         "deterministic": False,  # deterministic kernels (slower on CUDA)
@@ -64,8 +64,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # Keys that may differ when a run folder is resumed: where things are and how fast they load, not what is trained.
 RESUMABLE_DIFFERENCES = {"data.root", "data.workers", "data.download", "data.test_batch_size", "data.on_device",
-                         "output.dir", "train.device", "train.cuda_graphs", "train.threads", "train.allow_resize",
-                         "train.relay_diagnostics"}
+                         "output.dir", "train.device", "train.cuda_graphs", "train.compile", "train.threads",
+                         "train.allow_resize", "train.relay_diagnostics"}
 
 
 def _is_int(value: Any) -> bool:
@@ -143,6 +143,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     expect("data.on_device", flat["data.on_device"], flat["data.on_device"] in (None, True, False)
            and not (flat["data.on_device"] is True and flat["data.dataset"] == "imagenet"),
            "null, true or false (true only for CIFAR, which is held in memory)")
+    expect("train.compile", flat["train.compile"], flat["train.compile"] in (None, True, False),
+           "true, false or null (compile where it pays)")
     if flat["train.cuda_graphs"]:
         expect("train.cuda_graphs", True, flat["train.device"] != "cpu" and not flat["train.compile"]
                and not flat["train.amp"] and flat["train.grad_clip"] is None,

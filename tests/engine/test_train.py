@@ -2,12 +2,14 @@ import copy
 import csv
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from hypernorm.engine import checkpoint as checkpoint_module
-from hypernorm.engine import evaluate_checkpoint, load_checkpoint, lr_factor, train
+from hypernorm import create_model
+from hypernorm.engine import evaluate_checkpoint, load_checkpoint, loop, lr_factor, train
 from hypernorm.engine.loop import _Fit
 from hypernorm.engine.trainer import METRIC_FIELDS
 from tests.data.cifar_fixture import tiny_config
@@ -119,3 +121,49 @@ def test_partial_config_dict_gets_defaults_and_unknown_keys_fail(cifar_root, tmp
     config["optim"]["learning_rate"] = 0.1
     with pytest.raises(ValueError, match="unknown config key 'optim.learning_rate'"):
         train(config, quiet=True)
+
+
+def test_compile_null_compiles_only_hypernorm_networks_in_long_single_process_runs(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")  # where compiling was measured
+    monkeypatch.setattr(loop, "compiler_refusal", lambda device: None)
+    cpu, least = torch.device("cpu"), loop.AUTO_COMPILE_MIN_STEPS["cpu"]
+    bn, bhn = create_model("resnet20", "bn"), create_model("resnet20", "bhn")
+    refusal = loop.auto_compile_refusal
+    assert refusal(bhn, cpu, least, False, False) is None
+    assert "no HyperNorm layer" in refusal(bn, cpu, 10 * least, False, False)
+    assert f"{least - 1:,} training steps, fewer than the {least:,}" in refusal(bhn, cpu, least - 1, False, False)
+    assert "several processes" in refusal(bhn, cpu, least, True, False)
+    assert "cuda_graphs" in refusal(bhn, torch.device("cuda"), 10**6, False, True)
+    assert "not linux mps" in refusal(bhn, torch.device("mps"), 10**6, False, False)
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert "not win32 cpu" in refusal(bhn, cpu, least, False, False)
+
+
+def test_compiler_refusal_says_why_in_one_line(monkeypatch):
+    assert loop.compiler_refusal(torch.device("cpu")) is None  # this machine compiles (the compile tests need it)
+
+    def broken(fn, **kwargs):
+        raise RuntimeError("C++ compile error\nCommand: g++ ... (a page of compiler output)")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    why = loop.compiler_refusal(torch.device("cpu"))
+    assert why == "torch.compile failed on a one-line kernel (RuntimeError: C++ compile error)"
+
+
+@pytest.mark.parametrize("compiler_works", [True, False])
+def test_compile_null_trains_a_long_hypernorm_run_compiled_or_eager_when_the_compiler_fails(
+        cifar_root, tmp_path, monkeypatch, compiler_works):
+    """The trainer's wiring: the decision reaches torch.compile and summary.json. The compile is stubbed (the
+    real one takes minutes on a CPU; compiled training is checked against eager in tests/nn)."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(loop, "AUTO_COMPILE_MIN_STEPS", {"cpu": 1})
+    compiled = []
+    monkeypatch.setattr(loop, "compiler_refusal", lambda device: None if compiler_works else "no C++ compiler")
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    summary = train(tiny_config(cifar_root, tmp_path / "auto", model={"norm": "bhn"}), quiet=True)
+    assert summary["compiled"] is compiler_works and len(compiled) == int(compiler_works)
+    eager = train(tiny_config(cifar_root, tmp_path / "eager", model={"norm": "bhn"}, train={"compile": False}),
+                  quiet=True)
+    assert eager["compiled"] is False and eager["final"] == summary["final"]
+    bn = train(tiny_config(cifar_root, tmp_path / "bn"), quiet=True)
+    assert bn["compiled"] is False and len(compiled) == int(compiler_works)
