@@ -244,6 +244,24 @@ def test_compiled_fullgraph_matches_reference(norm):
         torch.testing.assert_close(compiled(x), reference(x), **TOL)
 
 
+def test_compiled_autocast_training_is_one_graph_that_follows_float32():
+    """Under autocast the LSTM step leaves it (float32, in the graph); bounds as in the eager test above."""
+    model = small_stage("bn").train()
+    full = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+
+    def mixed(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return compiled(x)
+
+    x = torch.randn(4, 3, 6, 6)
+    (y, _, grads), (y32, _, grads32) = run(model, x, mixed), run(full, x)
+    assert y.dtype == torch.bfloat16
+    assert torch.cosine_similarity(y.float().flatten(), y32.flatten(), dim=0) > 0.999
+    flat, flat32 = (torch.cat([g[name].flatten() for name in grads32]) for g in (grads, grads32))
+    assert torch.cosine_similarity(flat, flat32, dim=0) > 0.85
+
+
 def test_input_without_grad_takes_plain_ops_with_same_gradients(eager_path):
     # the hand-written backwards serve inputs that need a gradient; parameters alone use autograd's ops
     fused = HyperNorm(6, "bn")
