@@ -81,6 +81,26 @@ def test_neck_relay_runs_top_down_and_head_relay_per_roi():
     assert all(n.relay.state is None for n in fpn_norms + head_norms)
 
 
+def test_mixed_precision_training_step_reaches_every_hypernorm():
+    """Backbone BHN and neck/head GHN under autocast, the backward outside it as in train.amp (the LSTM step's
+    backward once failed there on a half-precision gradient against float32 weights). bfloat16: CPU float16
+    convolutions take minutes here; tests/nn covers float16 on small networks."""
+    torch.manual_seed(0)
+    model = create_detector("bhn", "ghn", 3, arch="resnet18", trainable_backbone_layers=5, min_size=64,
+                            max_size=80).train()
+    images = [torch.rand(3, 60, 75), torch.rand(3, 50, 70)]
+    targets = [{"boxes": torch.tensor([[5.0, 5.0, 30.0, 35.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 2.0, 45.0, 40.0]]), "labels": torch.tensor([2])}]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, targets)
+    sum(losses.values()).backward()
+    lstms = [m.relay for m in model.modules() if isinstance(m, HyperNorm) and m.starts_stage]
+    assert len(lstms) == 6  # four backbone stages, the FPN, the box head
+    grads = [p.grad for lstm in lstms for p in lstm.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    assert all(lstm.cell.input_map[0].weight.grad.abs().sum() > 0 for lstm in lstms)
+
+
 def test_neck_norm_types():
     for neck_norm, layer_type in [("bn", nn.BatchNorm2d), ("syncbn", nn.SyncBatchNorm), ("gn", nn.GroupNorm),
                                   ("sn", SwitchableNorm2d)]:
