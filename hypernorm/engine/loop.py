@@ -508,10 +508,10 @@ def fit(task_class: type[Task], config: dict[str, Any], env: DistEnv, quiet: boo
 
 
 # train.compile=null compiles where it was measured to pay (docs/performance.md): a HyperNorm network, whose many
-# small per-layer operations inductor fuses (ResNet-20 BHN: 0.84x eager per epoch on a 2-core CPU, 18.0 against
-# 29.2 ms a step on an H200), in a run long enough to repay the compile (about 2 minutes on that CPU, where a
-# step saves about 0.1 s; a minute or more on the GPU, where it saves 11 ms). A BN ResNet-20 gained nothing on
-# the CPU (0.99x) and stays eager.
+# small per-layer operations inductor fuses (ResNet-20 BHN: 0.84x eager per epoch on a 2-core CPU; a step of
+# 10.4 ms compiled against 29.2 ms eager on an H200, 18.0 ms compiled on another), in a run long enough to repay
+# the compile (about 2 minutes on that CPU, where a step saves about 0.1 s; a minute or more on the GPU, where it
+# saves 11-19 ms). A BN ResNet-20 gained nothing on the CPU (0.99x) and stays eager.
 AUTO_COMPILE_MIN_STEPS = {"cpu": 2_000, "cuda": 10_000}
 
 
