@@ -36,7 +36,7 @@ def run(model: nn.Module, x: torch.Tensor, forward=None) -> tuple[torch.Tensor, 
     x = x.clone().requires_grad_(True)
     model.zero_grad(set_to_none=True)
     y = (forward if forward is not None else model)(x)
-    (y * torch.linspace(-1, 2, y.numel()).view_as(y)).sum().backward()
+    (y * torch.linspace(-1, 2, y.numel(), device=y.device).view_as(y)).sum().backward()
     return y.detach(), x.grad, grads(model)
 
 
@@ -206,6 +206,26 @@ def test_autocast_training_follows_float32(eager_path, norm, dtype):
         flat = torch.cat([grads[name].flatten() for name in grads32])
         assert torch.cosine_similarity(y.float().flatten(), y32.flatten(), dim=0) > 0.999
         assert torch.cosine_similarity(flat, flat32, dim=0) > 0.85
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16 autocast on CUDA needs a CUDA device")
+@pytest.mark.parametrize("norm", ["bhn", "ghn"])
+def test_cuda_float16_autocast_training_follows_float32(norm):
+    """train.amp's setting on a GPU (the CPU tests above cover the same code in bfloat16 and float16)."""
+    model = convert(TinyNet(), norm).cuda()
+    full = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+
+    def mixed(x):
+        with torch.autocast("cuda", dtype=torch.float16):
+            return model(x)
+
+    (y, _, grads), (y32, _, grads32) = run(model, x, mixed), run(full, x)
+    assert y.dtype == torch.float16
+    assert all(g.dtype == torch.float32 and g.isfinite().all() for g in grads.values())
+    assert torch.cosine_similarity(y.float().flatten(), y32.flatten(), dim=0) > 0.999
+    flat, flat32 = (torch.cat([g[name].flatten() for name in grads32]) for g in (grads, grads32))
+    assert torch.cosine_similarity(flat, flat32, dim=0) > 0.85
 
 
 def test_unfusable_standardizers_take_the_reference_path():
