@@ -19,6 +19,20 @@ def _seed():
     torch.manual_seed(0)
 
 
+def use_cpu_kernel(monkeypatch, on: bool = True) -> None:
+    """Switch HyperNorm's C++ CPU kernel on (built if needed) or off for one test. On a machine without a C++
+    compiler the kernel cannot exist and a test that needs it skips; where a compiler exists it must build."""
+    import shutil
+
+    from hypernorm.nn import cpu_kernel
+
+    monkeypatch.setattr(cpu_kernel, "ENABLED", on)
+    if on and cpu_kernel.load() is None:
+        if not any(shutil.which(name) for name in ("c++", "g++", "clang++")):
+            pytest.skip("no C++ compiler: the CPU kernel cannot be built here")
+        pytest.fail("a C++ compiler exists but the CPU kernel did not build")
+
+
 @pytest.fixture
 def cifar_root(tmp_path, monkeypatch):
     """A 64/32-image CIFAR-10 in the official pickle layout, md5s patched into torchvision."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from .sync_batchnorm import CPUSyncBatchNorm
 
-__all__ = ["can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL",
+__all__ = ["autocast_enabled", "can_fuse", "small_eager_training", "fused_standardize_affine", "standardize", "SMALL_EAGER_TRAINING_NUMEL",
            "SMALL_EAGER_TRAINING_NUMEL_CPU"]
 
 # Below this many elements an eager training step is bound by the per-op cost of autograd, not by passes
@@ -36,6 +36,16 @@ def per_map(t: torch.Tensor) -> torch.Tensor:
     (about 1 against 2.5 us here), and an eager layer does this a dozen times a step."""
     n, c = t.shape
     return t.view(n, c, 1, 1)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device type without autocast (meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+    except TypeError:  # torch < 2.4 asks per device type by name
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def small_eager_training(x: torch.Tensor) -> bool:

@@ -6,8 +6,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
+from . import cpu_kernel
 from . import fused as fused_kernels
-from .fused import per_map
+from .fused import autocast_enabled, per_map
 from .meta_lstm import FusedWeights, TrimmedLSTMCell
 from .norms import create_base_norm
 
@@ -133,6 +134,13 @@ class HyperNorm(nn.Module):
             return _affine(self.norm(x), h.view(shape), c.view(shape))
         if not self.fused:
             return self._forward_reference(x)
+        if cpu_kernel.applies(self.norm, x):
+            relay = self.relay
+            out = cpu_kernel.batchnorm_forward(self.norm, x, relay.state if self.relayed else None,
+                                               relay.pass_weights())
+            if out is not None:
+                self._hand_on(out[1], out[2])
+                return out[0]
         if fused_kernels.can_fuse(self.norm) and not fused_kernels.small_eager_training(x):
             return fused_kernels.fused_standardize_affine(self.norm, x, self._lstm_step)
         # the standardizer's own kernel, then the affine; the LSTM step still as two GEMMs
@@ -152,12 +160,15 @@ class HyperNorm(nn.Module):
         relay = self.relay
         state = relay.state if self.relayed else None
         if reference:
-            relay.hand_on(relay.cell.forward_reference(u, state))
-        else:
-            relay.hand_on(relay.cell(u, state, relay.pass_weights()))
+            return self._hand_on(*relay.cell.forward_reference(u, state))
+        return self._hand_on(*relay.cell(u, state, relay.pass_weights()))
+
+    def _hand_on(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's (h, c): relayed to the next block, and counted while relay statistics are tracked."""
+        self.relay.hand_on((h, c))
         if self.relay_stats is not None:
-            self.relay_stats.add(*relay.state)
-        return relay.state
+            self.relay_stats.add(h, c)
+        return h, c
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The layer as the paper writes it: x_hat = norm(x), y = h * x_hat + c (``standardize`` is norm(x),
@@ -176,16 +187,6 @@ class HyperNorm(nn.Module):
         role = "owns the stage LSTM" if self.starts_stage else "uses the stage LSTM"
         relay = "relays its state" if self.relayed else "no relay: zero state at every block"
         return f"{self.num_features}, {role}, {relay}, ends_stage={self.ends_stage}"
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type``; False for a device type without autocast (meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:  # "unknown device type for autocast"
-        return False
-    except TypeError:  # torch < 2.4 asks per device type by name
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 def _affine(x_hat: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -9,22 +9,29 @@ from torch import nn
 from hypernorm.nn import HyperNorm, TrimmedLSTMCell, convert, set_fused, share_relay
 from hypernorm.nn import fused as fused_kernels
 
-from ..conftest import TinyNet
+from ..conftest import TinyNet, use_cpu_kernel
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-@pytest.fixture(params=["direct", "shifted", "native-norm"])
+@pytest.fixture(params=["cpu-kernel", "direct", "shifted", "native-norm"])
 def eager_path(request, monkeypatch):
-    """Eager training on CPU takes the direct path (unshifted moments, x * scale + bias) unless a mean is far
-    from its spread, then the shifted one-pass path; below a size limit the native norm kernel (with the
-    two-GEMM LSTM). Each is forced here in turn on small tensors."""
+    """Eager training on CPU takes the C++ kernel for a BatchNorm (hypernorm/nn/cpu_kernel.py), else the direct
+    path (unshifted moments, x * scale + bias) unless a mean is far from its spread, then the shifted one-pass
+    path; below a size limit the native norm kernel (with the two-GEMM LSTM). Each is forced here in turn on
+    small tensors."""
+    use_cpu_kernel(monkeypatch, request.param == "cpu-kernel")
     limit = 1 << 40 if request.param == "native-norm" else 0
     monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL", limit)
     monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL_CPU", limit)
     if request.param == "shifted":
         monkeypatch.setattr(fused_kernels, "_direct_standardize_affine", lambda *args: None)
     return request.param
+
+
+@pytest.fixture
+def python_paths(monkeypatch):
+    use_cpu_kernel(monkeypatch, False)
 
 
 def grads(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -296,7 +303,7 @@ def test_input_without_grad_takes_plain_ops_with_same_gradients(eager_path):
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "in"])
 @pytest.mark.parametrize("mean", [0.5, 1e3])
-def test_direct_path_only_where_the_mean_is_near_the_spread(norm, mean, monkeypatch):
+def test_direct_path_only_where_the_mean_is_near_the_spread(norm, mean, monkeypatch, python_paths):
     """The direct path serves ordinary inputs and declines (before touching running statistics) where
     x * scale + bias would cancel; the shifted path then gives the result."""
     taken = []
@@ -313,7 +320,7 @@ def test_direct_path_only_where_the_mean_is_near_the_spread(norm, mean, monkeypa
         torch.testing.assert_close(layer.norm.running_mean, reference.norm.running_mean)
 
 
-def test_direct_path_backward_writes_the_input_gradient_once():
+def test_direct_path_backward_writes_the_input_gradient_once(python_paths):
     """The layer's autograd nodes: one for the statistics, one for the affine, one for the LSTM step (the
     fused weights' few nodes aside); the input gradient comes from the statistics node alone."""
     layer = HyperNorm(8, "bn")

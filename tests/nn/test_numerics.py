@@ -9,10 +9,15 @@ from torch import nn
 from hypernorm.nn import HyperNorm, set_fused, share_relay
 from hypernorm.nn import fused as fused_kernels
 
-PATHS = ["one-pass", "native-norm", "reference"]
+from ..conftest import use_cpu_kernel
+
+PATHS = ["cpu-kernel", "one-pass", "native-norm", "reference"]
 
 
 def _select_path(layer: nn.Module, path: str, monkeypatch) -> None:
+    """cpu-kernel: the C++ kernel first (it declines a mean far from its spread); one-pass: the Python direct
+    or shifted path; native-norm: the norm's own kernel; reference: the layer as the paper writes it."""
+    use_cpu_kernel(monkeypatch, path == "cpu-kernel")
     set_fused(layer, path != "reference")
     limit = 0 if path == "one-pass" else 1 << 40
     monkeypatch.setattr(fused_kernels, "SMALL_EAGER_TRAINING_NUMEL", limit)
