@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .fused import FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, _update_running_stats, autocast_enabled
+from .fused import FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, autocast_enabled
 from .sync_batchnorm import CPUSyncBatchNorm
 
 __all__ = ["ENABLED", "available", "applies", "batchnorm_forward", "load"]
@@ -73,49 +73,50 @@ def applies(norm: nn.Module, x: torch.Tensor) -> bool:
 
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                       state: tuple[torch.Tensor, torch.Tensor] | None,
-                      weights: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(y, h, c) of HyperNorm over ``norm``, or None (state untouched) where the Python paths must serve: no
-    kernel, or a mean far from its spread. Updates the running statistics as BatchNorm does."""
+                      parameters: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(y, h, c) of HyperNorm over ``norm`` with the LSTM's ``parameters`` (TrimmedLSTMCell.gate_parameters()), or
+    None, state untouched, where the Python paths must serve: no kernel, or a mean far from its spread. Moves the
+    running statistics as BatchNorm does."""
     kernel = load()
-    if kernel is None or any(w.dtype != torch.float32 for w in weights):
+    if kernel is None or any(p.dtype != torch.float32 for p in parameters):
         return None
     N, C, H, W = x.shape
     batch_stats = not _is_eval_bn(norm)
     if batch_stats:
         if N * H * W == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
-        u, mean, var, invstd, far = kernel.batch_statistics(x, norm.eps, FAR_MEAN_OVER_STD)
-        if far:
-            return None
-        if norm.training and norm.track_running_stats:
-            _update_running_stats(norm, mean, var, N * H * W)
+        track = norm.training and norm.track_running_stats
+        momentum = -1.0 if norm.momentum is None else norm.momentum  # -1: the cumulative average
+        u, mean, _, invstd, far = kernel.batch_statistics(
+            x, norm.eps, FAR_MEAN_OVER_STD, norm.running_mean if track else None,
+            norm.running_var if track else None, norm.num_batches_tracked if track else None, momentum)
     else:
+        u = None  # the kernel's forward takes the GAP
         mean, invstd, far = _running_statistics(norm)
-        if far:
-            return None
-        u = x.mean(dim=(2, 3))
+    if far:
+        return None
     h0, c0 = (None, None) if state is None else state
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *weights)):
-        return _Layer.apply(x, h0, c0, *weights, u, mean, invstd, batch_stats)
-    return tuple(kernel.forward(x, u, mean, invstd, h0, c0, *weights)[:3])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *parameters)):
+        return _Layer.apply(x, h0, c0, u, mean, invstd, batch_stats, *parameters)
+    return tuple(kernel.forward(x, u, mean, invstd, h0, c0, parameters)[:3])
 
 
 class _Layer(torch.autograd.Function):
-    """The kernel's forward and backward as one autograd node: inputs x, the relayed (h0, c0) and the stage's
-    fused LSTM weights; outputs y and the (h, c) handed to the next block."""
+    """The kernel's forward and backward as one autograd node: inputs x, the relayed (h0, c0) and the eight
+    parameters of the LSTM's gate maps; outputs y and the (h, c) handed to the next block."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, w0, b0, w1, b1, u, mean, invstd, batch_stats):
-        y, h, c, r, s, g, squashed = _kernel.forward(x, u, mean, invstd, h0, c0, w0, b0, w1, b1)
-        ctx.save_for_backward(x, h0, c0, w0, w1, u, mean, invstd, h, r, s, g, squashed)
+    def forward(ctx, x, h0, c0, u, mean, invstd, batch_stats, *parameters):
+        y, h, c, u, r, s, g, squashed = _kernel.forward(x, u, mean, invstd, h0, c0, parameters)
+        ctx.save_for_backward(x, h0, c0, u, mean, invstd, h, r, s, g, squashed, *parameters)
         ctx.batch_stats = batch_stats
         return y, h, c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_h, grad_c):
-        x, h0, c0, w0, w1, u, mean, invstd, h, r, s, g, squashed = ctx.saved_tensors
-        grad_x, grad_h0, grad_c0, grad_w0, grad_b0, grad_w1, grad_b1 = _kernel.backward(
-            grad_y, grad_h, grad_c, x, u, mean, invstd, h0, c0, w0, w1, h, r, s, g, squashed, ctx.batch_stats,
+        x, h0, c0, u, mean, invstd, h, r, s, g, squashed, *parameters = ctx.saved_tensors
+        grad_x, grad_h0, grad_c0, *grad_parameters = _kernel.backward(
+            grad_y, grad_h, grad_c, x, u, mean, invstd, h0, c0, parameters, h, r, s, g, squashed, ctx.batch_stats,
             ctx.needs_input_grad[0])
-        return grad_x, grad_h0, grad_c0, grad_w0, grad_b0, grad_w1, grad_b1, None, None, None, None
+        return (grad_x, grad_h0, grad_c0, None, None, None, None, *grad_parameters)

@@ -120,7 +120,7 @@ class HyperNorm(nn.Module):
             raise ValueError(f"{self.name}: expected input of shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
-        dtype = relay.pass_weights()[0].dtype
+        dtype = relay.cell.input_map._modules["0"].weight.dtype
         if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"{self.name}: input dtype {x.dtype} does not match the layer's parameters ({dtype}); "
                              f"cast one to the other (e.g. model.to({dtype})) or run under torch.autocast")
@@ -137,7 +137,7 @@ class HyperNorm(nn.Module):
         if cpu_kernel.applies(self.norm, x):
             relay = self.relay
             out = cpu_kernel.batchnorm_forward(self.norm, x, relay.state if self.relayed else None,
-                                               relay.pass_weights())
+                                               relay.cell.gate_parameters())
             if out is not None:
                 self._hand_on(out[1], out[2])
                 return out[0]

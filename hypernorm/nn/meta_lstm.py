@@ -69,6 +69,13 @@ class TrimmedLSTMCell(nn.Module):
         w1 = torch.cat([second_in.weight, second_hid.weight], dim=1)
         return w0.t(), b0, w1.t(), second_in.bias + second_hid.bias
 
+    def gate_parameters(self) -> tuple[torch.Tensor, ...]:
+        """(W0, b0, W1, b1) of input_map, then of hidden_map: what the CPU kernel (cpu_kernel.py) takes."""
+        first_in, second_in = self.input_map._modules["0"], self.input_map._modules["2"]
+        first_hid, second_hid = self.hidden_map._modules["0"], self.hidden_map._modules["2"]
+        return (first_in.weight, first_in.bias, second_in.weight, second_in.bias,
+                first_hid.weight, first_hid.bias, second_hid.weight, second_hid.bias)
+
     def forward_reference(
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

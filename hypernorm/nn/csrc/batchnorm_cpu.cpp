@@ -57,53 +57,85 @@ void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// (u, mean, var, invstd, far): the GAP of every (sample, channel), (N, C), and the batch mean, biased variance
-// and 1/sigma of every channel, (C,), in one pass over x. far: some channel's mean is farther than far_limit
-// standard deviations from zero, where x * scale + bias would cancel (the caller takes the shifted path).
-std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(const Tensor& x, double eps, double far_limit) {
+// Per-map sums of x, one pass: the GAP u (N, C) and, with squares, the (double) sums of squares.
+Tensor map_sums(const Tensor& x, Tensor* squares) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  auto u = at::empty({N, C}, x.options());
+  if (squares) *squares = at::empty({N, C}, x.options().dtype(at::kDouble));
+  const float* xp = x.data_ptr<float>();
+  float* up = u.data_ptr<float>();
+  double* qp = squares ? squares->data_ptr<double>() : nullptr;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      double sum, square;
+      sum_and_dot(xp + p * HW, xp + p * HW, HW, sum, square);  // the squares cost nothing in a memory-bound pass
+      up[p] = static_cast<float>(sum / HW);
+      if (qp) qp[p] = square;
+    }
+  });
+  return u;
+}
+
+// (u, mean, var, invstd, far): the GAP u, (N, C), and the batch mean, biased variance and 1/sigma of every
+// channel, (C,), in one pass over x. far: some channel's mean is farther than far_limit standard deviations from
+// zero, where x * scale + bias would cancel; then nothing else happens (the caller takes the shifted path).
+// Otherwise running statistics, when given, move as BatchNorm's do: unbiased variance, momentum < 0 for the
+// cumulative average (1 / num_batches_tracked).
+std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(
+    const Tensor& x, double eps, double far_limit, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, double momentum) {
   check_input(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  auto sums = at::empty({N, C}, x.options().dtype(at::kDouble));
-  auto squares = at::empty({N, C}, x.options().dtype(at::kDouble));
-  const float* xp = x.data_ptr<float>();
-  double* sp = sums.data_ptr<double>();
-  double* qp = squares.data_ptr<double>();
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) sum_and_dot(xp + p * HW, xp + p * HW, HW, sp[p], qp[p]);
-  });
-  auto u = at::empty({N, C}, x.options());
+  Tensor squares;
+  auto u = map_sums(x, &squares);
   auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
-  float* up = u.data_ptr<float>();
-  float* mp = mean.data_ptr<float>();
-  float* vp = var.data_ptr<float>();
-  float* ip = invstd.data_ptr<float>();
+  const float* up = u.data_ptr<float>();
+  const double* qp = squares.data_ptr<double>();
+  float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   const double count = static_cast<double>(N * HW);
   bool far = false;
-  for (int64_t p = 0; p < N * C; ++p) up[p] = static_cast<float>(sp[p] / HW);
   for (int64_t c = 0; c < C; ++c) {
     double s = 0, q = 0;
     for (int64_t n = 0; n < N; ++n) {
-      s += sp[n * C + c];
+      s += up[n * C + c];
       q += qp[n * C + c];
     }
-    const double m = s / count, v = std::max(q / count - m * m, 0.0), i = 1.0 / std::sqrt(v + eps);
+    const double m = s / N, v = std::max(q / count - m * m, 0.0), i = 1.0 / std::sqrt(v + eps);
     mp[c] = static_cast<float>(m);
     vp[c] = static_cast<float>(v);
     ip[c] = static_cast<float>(i);
     far = far || std::abs(m * i) > far_limit;
   }
+  if (!far && running_mean && running_var) {  // ATen's in-place ops: the buffers' version counters move
+    double factor = momentum;
+    if (num_batches_tracked) {
+      num_batches_tracked->add_(1);
+      if (momentum < 0) factor = 1.0 / num_batches_tracked->item<double>();
+    }
+    running_mean->lerp_(mean, factor);
+    running_var->lerp_(var * (count / std::max(count - 1.0, 1.0)), factor);
+  }
   return {u, mean, var, invstd, far};
 }
 
-// The trimmed LSTM step of hypernorm/nn/meta_lstm.py (_cell_step): {h, c, r, s, g, squashed}.
-std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const Tensor& w0,
-                                 const Tensor& b0, const Tensor& w1, const Tensor& b1) {
-  const int64_t C = u.size(1);
-  Tensor z = h0 ? at::addmm(b0, at::cat({u, *h0}, 1), w0) : at::addmm(b0, u, w0.narrow(0, 0, C));
-  Tensor r = z.relu_();
-  Tensor gates = at::addmm(b1, r, w1);
-  Tensor s = gates.sigmoid();
+// The two gate maps' parameters, as TrimmedLSTMCell.gate_parameters() gives them: input_map (W0, b0, W1, b1),
+// then hidden_map (the same four).
+struct GateParameters {
+  Tensor w0_in, b0_in, w1_in, b1_in, w0_hid, b0_hid, w1_hid, b1_hid;
+  explicit GateParameters(const std::vector<Tensor>& p)
+      : w0_in(p.at(0)), b0_in(p.at(1)), w1_in(p.at(2)), b1_in(p.at(3)),
+        w0_hid(p.at(4)), b0_hid(p.at(5)), w1_hid(p.at(6)), b1_hid(p.at(7)) {}
+};
+
+// The trimmed LSTM step of hypernorm/nn/meta_lstm.py: gates = input_map(u) + hidden_map(h0) as two GEMMs,
+// relu([W0_in u + b0_in, W0_hid h0 + b0_hid]) @ [W1_in, W1_hid]^T + b1_in + b1_hid. Returns {h, c, r, s, g, squashed}.
+std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w) {
+  const int64_t N = u.size(0), C = u.size(1);
+  Tensor z_hid = h0 ? at::addmm(w.b0_hid, *h0, w.w0_hid.t()) : w.b0_hid.expand({N, w.b0_hid.size(0)});
+  Tensor r = at::cat({at::addmm(w.b0_in, u, w.w0_in.t()), z_hid}, 1).relu_();
+  Tensor gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
+  Tensor s = gates.sigmoid();  // the g quarter is unused; one kernel over all four beats three slices
   Tensor g = gates.narrow(1, 2 * C, C).tanh();
   Tensor i = s.narrow(1, 0, C), f = s.narrow(1, C, C), o = s.narrow(1, 3 * C, C);
   Tensor c = c0 ? at::addcmul(f * *c0, i, g) : i * g;
@@ -111,16 +143,16 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
   return {o * squashed, c, r, s, g, squashed};
 }
 
-// {y, h, c, r, s, g, squashed}: y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where
+// {y, h, c, u, r, s, g, squashed}: y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where
 // (h, c) is the LSTM step from u = GAP(x) and the relayed state (h0, c0).
-std::vector<Tensor> forward(const Tensor& x, const Tensor& u, const Tensor& mean, const Tensor& invstd,
-                            const OptTensor& h0, const OptTensor& c0, const Tensor& w0, const Tensor& b0,
-                            const Tensor& w1, const Tensor& b1) {
+std::vector<Tensor> forward(const Tensor& x, const OptTensor& u_in, const Tensor& mean, const Tensor& invstd,
+                            const OptTensor& h0, const OptTensor& c0, const std::vector<Tensor>& parameters) {
   check_input(x, "x");
   check_input(mean, "mean");
   check_input(invstd, "invstd");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  auto step = cell_forward(u, h0, c0, w0, b0, w1, b1);
+  const Tensor u = u_in ? *u_in : map_sums(x, nullptr);
+  auto step = cell_forward(u, h0, c0, GateParameters(parameters));
   const Tensor h = step[0].contiguous(), c = step[1].contiguous();
   auto y = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>();
@@ -135,43 +167,39 @@ std::vector<Tensor> forward(const Tensor& x, const Tensor& u, const Tensor& mean
       for (int64_t k = 0; k < HW; ++k) out[k] = row[k] * scale + bias;
     }
   });
-  step[0] = h;
-  step[1] = c;
-  step.insert(step.begin(), y);
-  return step;
+  return {y, h, c, u, step[2], step[3], step[4], step[5]};
 }
 
-// {du, dh0, dc0, dw0, db0, dw1, db1}: _CellStep.backward of hypernorm/nn/meta_lstm.py.
+// {du, dh0, dc0, then the gradients of the eight gate parameters}: _CellStep.backward of meta_lstm.py, with
+// the fused weights' gradients split back onto the two maps.
 std::vector<Tensor> cell_backward(const Tensor& grad_h, Tensor grad_c, const Tensor& u, const OptTensor& h0,
-                                  const OptTensor& c0, const Tensor& w0, const Tensor& w1, const Tensor& r,
-                                  const Tensor& s, const Tensor& g, const Tensor& squashed) {
-  const int64_t C = u.size(1);
+                                  const OptTensor& c0, const GateParameters& w, const Tensor& r, const Tensor& s,
+                                  const Tensor& g, const Tensor& squashed) {
+  const int64_t C = u.size(1), hidden = w.w0_in.size(0);
   Tensor i = s.narrow(1, 0, C), f = s.narrow(1, C, C), o = s.narrow(1, 3 * C, C);
   grad_c = at::addcmul(grad_c, at::sigmoid_backward(grad_h, squashed), o);
   Tensor upstream = at::cat({grad_c * g, c0 ? grad_c * *c0 : at::zeros_like(grad_c), grad_c * i, grad_h * squashed}, 1);
   Tensor grad_gates = at::sigmoid_backward(upstream, s);
   grad_gates.narrow(1, 2 * C, C).copy_(at::tanh_backward(upstream.narrow(1, 2 * C, C), g));
-  Tensor grad_z = at::threshold_backward(at::mm(grad_gates, w1.t()), r, 0);
-  Tensor hu = h0 ? at::cat({u, *h0}, 1) : u;
-  Tensor w0_used = h0 ? w0 : w0.narrow(0, 0, C);
-  Tensor grad_hu = at::mm(grad_z, w0_used.t());
-  Tensor grad_w0 = at::mm(hu.t(), grad_z);
-  if (!h0) grad_w0 = at::cat({grad_w0, at::zeros({w0.size(0) - C, w0.size(1)}, grad_w0.options())});
-  return {grad_hu.narrow(1, 0, C),
-          h0 ? grad_hu.narrow(1, C, C) : Tensor(),
+  Tensor grad_w1 = at::mm(grad_gates.t(), r);  // (4C, 2 hidden): [W1_in, W1_hid]
+  Tensor grad_b1 = grad_gates.sum(0);
+  Tensor grad_z = at::threshold_backward(at::mm(grad_gates, at::cat({w.w1_in, w.w1_hid}, 1)), r, 0);
+  Tensor grad_z_in = grad_z.narrow(1, 0, hidden), grad_z_hid = grad_z.narrow(1, hidden, hidden);
+  return {at::mm(grad_z_in, w.w0_in),
+          h0 ? at::mm(grad_z_hid, w.w0_hid) : Tensor(),
           c0 ? grad_c * f : Tensor(),
-          grad_w0,
-          grad_z.sum(0),
-          at::mm(r.t(), grad_gates),
-          grad_gates.sum(0)};
+          at::mm(grad_z_in.t(), u), grad_z_in.sum(0), grad_w1.narrow(1, 0, hidden).contiguous(), grad_b1,
+          h0 ? at::mm(grad_z_hid.t(), *h0) : at::zeros_like(w.w0_hid),  // zero, not None, as autograd gives
+          grad_z_hid.sum(0),
+          grad_w1.narrow(1, hidden, hidden).contiguous(), grad_b1};
 }
 
-// {dx, dh0, dc0, dw0, db0, dw1, db1} of forward() followed by batch_statistics() (batch_stats) or with constant
+// {dx, dh0, dc0, then the eight parameters' gradients} of forward() followed by batch_statistics() (batch_stats) or with constant
 // mean and invstd (a BatchNorm in eval). Two passes over x: sum(dy) and sum(dy * x) per feature map, then
 // dx = dy * scale + x * a + b with a per channel (the variance's gradient) and b per map (the mean's and GAP's).
 std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next, const Tensor& grad_c_next,
                              const Tensor& x, const Tensor& u, const Tensor& mean, const Tensor& invstd,
-                             const OptTensor& h0, const OptTensor& c0, const Tensor& w0, const Tensor& w1,
+                             const OptTensor& h0, const OptTensor& c0, const std::vector<Tensor>& parameters,
                              const Tensor& h, const Tensor& r, const Tensor& s, const Tensor& g,
                              const Tensor& squashed, bool batch_stats, bool need_grad_x) {
   const Tensor grad_y = grad_y_in.contiguous();
@@ -200,7 +228,7 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
     grad_mean[ch] -= grad_bias[p] * hp[p] * ip[ch];
     grad_invstd[ch] += grad_scale[p] * hp[p];
   }
-  auto grads = cell_backward(grad_h, grad_c, u, h0, c0, w0, w1, r, s, g, squashed);
+  auto grads = cell_backward(grad_h, grad_c, u, h0, c0, GateParameters(parameters), r, s, g, squashed);
   if (!need_grad_x) {
     grads[0] = Tensor();
     return grads;
