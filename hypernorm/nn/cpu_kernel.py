@@ -81,6 +81,9 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
     if kernel is None or any(p.dtype != torch.float32 for p in parameters):
         return None
     N, C, H, W = x.shape
+    # The output before the small temporaries: allocated after them it lands at the top of glibc's heap, goes
+    # back to the system when freed and faults in again next step (the "nothing set" cost of issue 14).
+    y = torch.empty_like(x)
     batch_stats = not _is_eval_bn(norm)
     if batch_stats:
         if N * H * W == 1:
@@ -97,8 +100,9 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
         return None
     h0, c0 = (None, None) if state is None else state
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *parameters)):
-        return _Layer.apply(x, h0, c0, u, mean, invstd, batch_stats, *parameters)
-    return tuple(kernel.forward(x, u, mean, invstd, h0, c0, parameters)[:3])
+        return _Layer.apply(x, (y,), h0, c0, u, mean, invstd, batch_stats, *parameters)  # y in a tuple: a
+        # buffer to write, not an input whose gradient autograd would track
+    return tuple(kernel.forward(x, y, u, mean, invstd, h0, c0, parameters)[:3])
 
 
 class _Layer(torch.autograd.Function):
@@ -106,8 +110,8 @@ class _Layer(torch.autograd.Function):
     parameters of the LSTM's gate maps; outputs y and the (h, c) handed to the next block."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, u, mean, invstd, batch_stats, *parameters):
-        y, h, c, u, r, s, g, squashed = _kernel.forward(x, u, mean, invstd, h0, c0, parameters)
+    def forward(ctx, x, out, h0, c0, u, mean, invstd, batch_stats, *parameters):
+        y, h, c, u, r, s, g, squashed = _kernel.forward(x, out[0], u, mean, invstd, h0, c0, parameters)
         ctx.save_for_backward(x, h0, c0, u, mean, invstd, h, r, s, g, squashed, *parameters)
         ctx.batch_stats = batch_stats
         return y, h, c
@@ -119,4 +123,4 @@ class _Layer(torch.autograd.Function):
         grad_x, grad_h0, grad_c0, *grad_parameters = _kernel.backward(
             grad_y, grad_h, grad_c, x, u, mean, invstd, h0, c0, parameters, h, r, s, g, squashed, ctx.batch_stats,
             ctx.needs_input_grad[0])
-        return (grad_x, grad_h0, grad_c0, None, None, None, None, *grad_parameters)
+        return (grad_x, None, grad_h0, grad_c0, None, None, None, None, *grad_parameters)

@@ -1,13 +1,13 @@
 // HyperNorm over a BatchNorm standardizer on the CPU (float32, contiguous NCHW): the statistics, the meta LSTM
-// step and the per-sample affine, forward and backward, in two passes over x each way, as BatchNorm's own kernel.
+// step and the per-sample affine, forward and backward, as one call each way.
 //
-// At small batch an eager layer costs its number of operator calls, not its passes over memory; the Python
-// paths (hypernorm/nn/fused.py) make about a hundred calls a training step per layer. Here the full-size work is
-// four plain loops and the small (N, C) work is ATen calls without Python between them.
-// hypernorm/nn/cpu_kernel.py builds this file and wraps it as one autograd node; fused.py documents the math.
+// At small batch an eager layer costs its number of operator calls from Python, not its passes over memory: the
+// Python paths (hypernorm/nn/fused.py) make about a hundred a training step per layer, each a microsecond or more
+// of dispatch, and three autograd nodes. Here the full-size passes are the same ATen kernels as there (vectorized
+// for the machine by ATen's own dispatch: hand-written loops measured 2-5x slower than them), the small (N, C)
+// arithmetic is plain loops, and no Python runs between them. hypernorm/nn/cpu_kernel.py builds this file and
+// wraps it as one autograd node; fused.py documents the math.
 #include <torch/extension.h>
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,79 +19,27 @@ namespace {
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
 
-// Floats are summed in kLanes independent accumulators (the compiler vectorizes them) over blocks of kBlock
-// elements, and the blocks in double: the rounding of a sum stays that of kBlock / kLanes additions.
-constexpr int64_t kLanes = 8;
-constexpr int64_t kBlock = 256;
-
-// sum of a[k] and of a[k] * b[k] over one feature map
-inline void sum_and_dot(const float* a, const float* b, int64_t n, double& sum, double& dot) {
-  sum = 0;
-  dot = 0;
-  for (int64_t start = 0; start < n; start += kBlock) {
-    const int64_t end = std::min(n, start + kBlock);
-    float s[kLanes] = {0}, d[kLanes] = {0};
-    int64_t k = start;
-    for (; k + kLanes <= end; k += kLanes) {
-      for (int64_t j = 0; j < kLanes; ++j) {
-        s[j] += a[k + j];
-        d[j] += a[k + j] * b[k + j];
-      }
-    }
-    float S = 0, D = 0;
-    for (; k < end; ++k) {
-      S += a[k];
-      D += a[k] * b[k];
-    }
-    for (int64_t j = 0; j < kLanes; ++j) {
-      S += s[j];
-      D += d[j];
-    }
-    sum += S;
-    dot += D;
-  }
-}
-
 void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Per-map sums of x, one pass: the GAP u (N, C) and, with squares, the (double) sums of squares.
-Tensor map_sums(const Tensor& x, Tensor* squares) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  auto u = at::empty({N, C}, x.options());
-  if (squares) *squares = at::empty({N, C}, x.options().dtype(at::kDouble));
-  const float* xp = x.data_ptr<float>();
-  float* up = u.data_ptr<float>();
-  double* qp = squares ? squares->data_ptr<double>() : nullptr;
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      double sum, square;
-      sum_and_dot(xp + p * HW, xp + p * HW, HW, sum, square);  // the squares cost nothing in a memory-bound pass
-      up[p] = static_cast<float>(sum / HW);
-      if (qp) qp[p] = square;
-    }
-  });
-  return u;
-}
+Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
 // (u, mean, var, invstd, far): the GAP u, (N, C), and the batch mean, biased variance and 1/sigma of every
-// channel, (C,), in one pass over x. far: some channel's mean is farther than far_limit standard deviations from
-// zero, where x * scale + bias would cancel; then nothing else happens (the caller takes the shifted path).
-// Otherwise running statistics, when given, move as BatchNorm's do: unbiased variance, momentum < 0 for the
-// cumulative average (1 / num_batches_tracked).
+// channel, (C,). far: some channel's mean is farther than far_limit standard deviations from zero, where
+// x * scale + bias would cancel; then nothing else happens (the caller takes the shifted path). Otherwise running
+// statistics, when given, move as BatchNorm's do: unbiased variance, momentum < 0 for the cumulative average.
 std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(
     const Tensor& x, double eps, double far_limit, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, double momentum) {
   check_input(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  Tensor squares;
-  auto u = map_sums(x, &squares);
+  const Tensor u = at::mean(x, {2, 3});
+  const Tensor norms = at::linalg_vector_norm(x, 2, at::IntArrayRef({2, 3}));  // sqrt of the sums of squares
   auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
-  const float* up = u.data_ptr<float>();
-  const double* qp = squares.data_ptr<double>();
+  const float *up = u.data_ptr<float>(), *qp = norms.data_ptr<float>();
   float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   const double count = static_cast<double>(N * HW);
   bool far = false;
@@ -99,7 +47,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(
     double s = 0, q = 0;
     for (int64_t n = 0; n < N; ++n) {
       s += up[n * C + c];
-      q += qp[n * C + c];
+      q += static_cast<double>(qp[n * C + c]) * qp[n * C + c];
     }
     const double m = s / N, v = std::max(q / count - m * m, 0.0), i = 1.0 / std::sqrt(v + eps);
     mp[c] = static_cast<float>(m);
@@ -143,30 +91,31 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
   return {o * squashed, c, r, s, g, squashed};
 }
 
-// {y, h, c, u, r, s, g, squashed}: y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where
+// {y, h, c, u, r, s, g, squashed}: y (written; the caller allocates it before any temporary, see backward)
+// = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where
 // (h, c) is the LSTM step from u = GAP(x) and the relayed state (h0, c0).
-std::vector<Tensor> forward(const Tensor& x, const OptTensor& u_in, const Tensor& mean, const Tensor& invstd,
-                            const OptTensor& h0, const OptTensor& c0, const std::vector<Tensor>& parameters) {
+std::vector<Tensor> forward(const Tensor& x, const Tensor& y, const OptTensor& u_in, const Tensor& mean,
+                            const Tensor& invstd, const OptTensor& h0, const OptTensor& c0,
+                            const std::vector<Tensor>& parameters) {
   check_input(x, "x");
+  check_input(y, "y");
+  TORCH_CHECK(y.sizes() == x.sizes(), "y must have x's shape");
   check_input(mean, "mean");
   check_input(invstd, "invstd");
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const Tensor u = u_in ? *u_in : map_sums(x, nullptr);
+  const int64_t N = x.size(0), C = x.size(1);
+  const Tensor u = u_in ? *u_in : at::mean(x, {2, 3});
   auto step = cell_forward(u, h0, c0, GateParameters(parameters));
   const Tensor h = step[0].contiguous(), c = step[1].contiguous();
-  auto y = at::empty_like(x);
-  const float *xp = x.data_ptr<float>(), *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>();
+  auto scale = at::empty({N, C}, x.options()), bias = at::empty({N, C}, x.options());
+  const float *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>();
   const float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t ch = p % C;
-      const float scale = hp[p] * ip[ch], bias = cp[p] - mp[ch] * scale;
-      const float* row = xp + p * HW;
-      float* out = yp + p * HW;
-      for (int64_t k = 0; k < HW; ++k) out[k] = row[k] * scale + bias;
-    }
-  });
+  float *sp = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  for (int64_t p = 0; p < N * C; ++p) {
+    sp[p] = hp[p] * ip[p % C];
+    bp[p] = cp[p] - mp[p % C] * sp[p];
+  }
+  // mul then add_: on CPU a broadcasting addcmul is several times slower than the two
+  at::mul_out(const_cast<Tensor&>(y), x, per_map(scale, N, C)).add_(per_map(bias, N, C));
   return {y, h, c, u, step[2], step[3], step[4], step[5]};
 }
 
@@ -202,31 +151,33 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
                              const OptTensor& h0, const OptTensor& c0, const std::vector<Tensor>& parameters,
                              const Tensor& h, const Tensor& r, const Tensor& s, const Tensor& g,
                              const Tensor& squashed, bool batch_stats, bool need_grad_x) {
+  // The full-size result before the small temporaries. Allocated after them, it would land above them at the
+  // top of glibc's heap, go back to the system when freed, and fault its pages in again every step.
+  Tensor grad_x = need_grad_x ? at::empty_like(x) : Tensor();
   const Tensor grad_y = grad_y_in.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), maps = N * C;
-  const float *gp = grad_y.data_ptr<float>(), *xp = x.data_ptr<float>();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, maps = N * C;
+
+  // Pass 1: sum(dy * x) and sum(dy) per map in one pass: BatchNorm's eval backward over N*C channels with mean 0
+  // and variance 1 (the gradients of the per-map scale and bias of y = x * scale + bias).
+  auto zeros = at::zeros({maps}, x.options()), ones = at::ones({maps}, x.options());
+  auto sums = at::native_batch_norm_backward(grad_y.view({1, maps, H, W}), x.view({1, maps, H, W}), c10::nullopt,
+                                             zeros, ones, c10::nullopt, c10::nullopt, false, 0.0,
+                                             {false, true, true});
+  const Tensor dot = std::get<1>(sums).contiguous(), sum = std::get<2>(sums).contiguous();
+  const float *dotp = dot.data_ptr<float>(), *sump = sum.data_ptr<float>();
   const float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>(), *hp = h.data_ptr<float>();
 
-  // Pass 1: sum(dy) and sum(dy * (x - mean)) per map, the gradients of bias and scale (scale = h * invstd,
-  // bias = c - mean * scale); with those of the next block, dL/dh and dL/dc of the LSTM step.
-  std::vector<double> grad_bias(maps), grad_scale(maps);
-  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      double sum, dot;
-      sum_and_dot(gp + p * HW, xp + p * HW, HW, sum, dot);
-      grad_bias[p] = sum;
-      grad_scale[p] = dot - mp[p % C] * sum;
-    }
-  });
+  // dL/dh and dL/dc of the LSTM step (scale = h * invstd, bias = c - mean * scale), plus the next block's
   auto grad_h = grad_h_next.contiguous().clone(), grad_c = grad_c_next.contiguous().clone();
   float *dhp = grad_h.data_ptr<float>(), *dcp = grad_c.data_ptr<float>();
   std::vector<double> grad_mean(C, 0.0), grad_invstd(C, 0.0);
-  for (int64_t p = 0; p < maps; ++p) {  // in a fixed order: the same sums on any number of threads
+  for (int64_t p = 0; p < maps; ++p) {
     const int64_t ch = p % C;
-    dhp[p] += static_cast<float>(grad_scale[p] * ip[ch]);
-    dcp[p] += static_cast<float>(grad_bias[p]);
-    grad_mean[ch] -= grad_bias[p] * hp[p] * ip[ch];
-    grad_invstd[ch] += grad_scale[p] * hp[p];
+    const double grad_scale = static_cast<double>(dotp[p]) - mp[ch] * static_cast<double>(sump[p]);
+    dhp[p] += static_cast<float>(grad_scale * ip[ch]);
+    dcp[p] += sump[p];
+    grad_mean[ch] -= static_cast<double>(sump[p]) * hp[p] * ip[ch];
+    grad_invstd[ch] += grad_scale * hp[p];
   }
   auto grads = cell_backward(grad_h, grad_c, u, h0, c0, GateParameters(parameters), r, s, g, squashed);
   if (!need_grad_x) {
@@ -238,28 +189,23 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
   // and, for batch statistics, the channel mean.
   const Tensor grad_u = grads[0].contiguous();
   const float* dup = grad_u.data_ptr<float>();
-  std::vector<float> a(C, 0.0f), b(maps);
+  auto scale = at::empty({N, C}, x.options()), a = at::zeros({C}, x.options()), b = at::empty({N, C}, x.options());
+  float *sp = scale.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
   std::vector<double> grad_mean_total(C, 0.0);
   if (batch_stats) {
     for (int64_t c = 0; c < C; ++c) {
       const double i = ip[c], grad_var = grad_invstd[c] * -0.5 * i * i * i;
       grad_mean_total[c] = grad_mean[c] - 2.0 * mp[c] * grad_var;
-      a[c] = static_cast<float>(2.0 * grad_var / (static_cast<double>(N) * HW));
+      ap[c] = static_cast<float>(2.0 * grad_var / (static_cast<double>(N) * HW));
     }
   }
-  for (int64_t p = 0; p < maps; ++p) b[p] = static_cast<float>((dup[p] + grad_mean_total[p % C] / N) / HW);
-  auto grad_x = at::empty_like(x);
-  float* dxp = grad_x.data_ptr<float>();
-  at::parallel_for(0, maps, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t ch = p % C;
-      const float scale = hp[p] * ip[ch], ac = a[ch], bp = b[p];
-      const float *dy = gp + p * HW, *row = xp + p * HW;
-      float* out = dxp + p * HW;
-      for (int64_t k = 0; k < HW; ++k) out[k] = dy[k] * scale + row[k] * ac + bp;
-    }
-  });
-  grads[0] = grad_x;
+  for (int64_t p = 0; p < maps; ++p) {
+    sp[p] = hp[p] * ip[p % C];
+    bp[p] = static_cast<float>((dup[p] + grad_mean_total[p % C] / N) / HW);
+  }
+  at::mul_out(grad_x, grad_y, per_map(scale, N, C));
+  if (batch_stats) grad_x.addcmul_(x, a.view({1, C, 1, 1}));
+  grads[0] = grad_x.add_(per_map(b, N, C));
   return grads;
 }
 
