@@ -67,8 +67,10 @@ def applies(norm: nn.Module, x: torch.Tensor) -> bool:
                                        and norm.track_running_stats)):
         return False
     if type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 4 \
-            or not x.is_contiguous() or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return False  # a dispatch mode (FLOP counter, fake tensors) must see every operator: no raw loops
+            or not x.is_contiguous() or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \
+            or torch._C._get_tracing_state() is not None or torch._C._functorch.peek_interpreter_stack() is not None:
+        return False  # compilers, exporters, tracers, dispatch modes (FLOP counter, fake tensors) and torch.func
+        # transforms must see every operator: the kernel reads and writes tensors' memory directly
     return not autocast_enabled("cpu") and (norm.running_mean is None or norm.running_mean.dtype == torch.float32)
 
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,

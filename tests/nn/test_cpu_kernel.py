@@ -43,7 +43,7 @@ def test_kernel_serves_batchnorm_in_training_and_eval(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["channels-last", "float64", "autocast", "far mean", "group norm", "syncbn training",
-                                  "flop counter"])
+                                  "flop counter", "jit trace"])
 def test_kernel_declines_what_it_does_not_compute(case, monkeypatch):
     """Each case still gives the reference path's output, through the Python paths."""
     use_cpu_kernel(monkeypatch)
@@ -63,6 +63,15 @@ def test_kernel_declines_what_it_does_not_compute(case, monkeypatch):
     if case == "flop counter":  # a dispatch mode sees every operator; the kernel's loops it could not
         with FlopCounterMode(display=False):
             assert not served_by_kernel(layer, x)
+        return
+    if case == "jit trace":  # a traced graph must hold operators, not the kernel's direct writes to memory
+        def refuse(*args):
+            raise AssertionError("the kernel ran under torch.jit.trace")
+
+        monkeypatch.setattr(cpu_kernel, "batchnorm_forward", refuse)
+        with torch.no_grad():
+            traced = torch.jit.trace(layer.eval(), x, check_trace=False)
+            torch.testing.assert_close(traced(x), reference.eval()(x), rtol=1e-4, atol=1e-4)
         return
     if case == "syncbn training":  # its statistics reduce across processes: not a BatchNorm2d's
         assert not cpu_kernel.applies(layer.norm, x)
