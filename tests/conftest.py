@@ -14,6 +14,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_kernel_built():
+    """Build HyperNorm's C++ CPU kernel once, up front (about a minute on a fresh machine): the subprocesses of
+    CLI and DDP tests then load it from torch's extension cache instead of each waiting on the build."""
+    from hypernorm.nn import cpu_kernel
+
+    if cpu_kernel.ENABLED:
+        cpu_kernel.load()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
