@@ -30,7 +30,7 @@ import torchvision
 from torch import nn
 
 import hypernorm
-from hypernorm.nn import set_fused
+from hypernorm.nn import cpu_kernel, set_fused
 from results_file import write_json
 
 # (model, input size, batch sizes) of issue 14: ResNet-50 at 224, CIFAR ResNet-20/56/164 at 32.
@@ -217,7 +217,9 @@ def device_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                           "OMP_NUM_THREADS", "MALLOC_CONF") if k in os.environ},
+                                           "OMP_NUM_THREADS", "MALLOC_CONF", "HYPERNORM_CPU_KERNEL") if k in os.environ},
+        # whether eager BHN layers on the CPU ran as the C++ kernel (hypernorm/nn/cpu_kernel.py) or in Python
+        "cpu_kernel": device == "cpu" and cpu_kernel.available(),
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
@@ -320,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.compile_mode)]
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
-          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}", flush=True)
+          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}"
+          + (f", HyperNorm CPU kernel {'on' if info['cpu_kernel'] else 'off'}" if args.device == "cpu" else ""), flush=True)
     results: list[Result] = []
     for setting in settings:
         for model_name in args.models:
