@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..config import dump_config, flatten
-from ..nn import HyperNorm
+from ..nn import HyperNorm, cpu_kernel
 from .checkpoint import atomic_write, load_checkpoint, load_weights, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_gather_object, all_reduce_sum, barrier
 
@@ -298,6 +298,11 @@ class _Fit:
             compile_model = why_not is None
             self.log(f"train.compile=null: {'eager, ' + why_not if why_not else 'compiling'} (docs/performance.md)")
         self.compiled = bool(compile_model)
+        # eager HyperNorm-over-BatchNorm layers on a CPU run as the C++ kernel where it builds (same numbers to
+        # float32 rounding as the Python paths, which it replaces); recorded beside `compiled`
+        self.cpu_kernel = (env.device.type == "cpu" and not self.compiled and cpu_kernel.available()
+                           and any(isinstance(m, HyperNorm) and cpu_kernel.applies_to_norm(m.norm)
+                                   for m in self.model.modules()))
         self.net: nn.Module = torch.compile(self.model) if compile_model else self.model
         self.train_net = self.net
         self.graphed = False  # train.cuda_graphs: captured at the first batch, once the shapes are known
@@ -438,6 +443,7 @@ class _Fit:
             "mean_images_per_s": sum(r["images_per_s"] for r in rows) / len(rows) if rows else None,
             "device": str(self.env.device),
             "compiled": self.compiled,
+            "cpu_kernel": self.cpu_kernel,
             "run_dir": str(self.dir),
             "status": status,
             "done": status == "done",  # for readers of the first format

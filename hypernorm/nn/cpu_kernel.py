@@ -24,7 +24,7 @@ from torch import nn
 from .fused import FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, autocast_enabled
 from .sync_batchnorm import CPUSyncBatchNorm
 
-__all__ = ["ENABLED", "available", "applies", "batchnorm_forward", "load"]
+__all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load"]
 
 SOURCE = Path(__file__).with_name("csrc") / "batchnorm_cpu.cpp"
 # False: the Python paths everywhere (the environment variable sets it for a process; tests switch it)
@@ -58,13 +58,16 @@ def available() -> bool:
     return ENABLED and load() is not None
 
 
+def applies_to_norm(norm: nn.Module) -> bool:
+    """Whether the kernel computes HyperNorm over the standardizer ``norm`` (in its present train/eval mode)."""
+    kind = type(norm)
+    return kind is nn.BatchNorm2d or (kind in (nn.SyncBatchNorm, CPUSyncBatchNorm) and not norm.training
+                                      and norm.track_running_stats)
+
+
 def applies(norm: nn.Module, x: torch.Tensor) -> bool:
     """Whether the kernel computes HyperNorm over ``norm`` for input ``x`` (before it is built or refused)."""
-    if not ENABLED or _failure is not None:
-        return False
-    kind = type(norm)
-    if not (kind is nn.BatchNorm2d or (kind in (nn.SyncBatchNorm, CPUSyncBatchNorm) and not norm.training
-                                       and norm.track_running_stats)):
+    if not ENABLED or _failure is not None or not applies_to_norm(norm):
         return False
     if type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.float32 or x.dim() != 4 \
             or not x.is_contiguous() or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() \

@@ -12,6 +12,7 @@ from hypernorm import create_model
 from hypernorm.engine import evaluate_checkpoint, load_checkpoint, loop, lr_factor, train
 from hypernorm.engine.loop import _Fit
 from hypernorm.engine.trainer import METRIC_FIELDS
+from hypernorm.nn import cpu_kernel
 from tests.data.cifar_fixture import tiny_config
 
 
@@ -167,3 +168,6 @@ def test_compile_null_trains_a_long_hypernorm_run_compiled_or_eager_when_the_com
     assert eager["compiled"] is False and eager["final"] == summary["final"]
     bn = train(tiny_config(cifar_root, tmp_path / "bn"), quiet=True)
     assert bn["compiled"] is False and len(compiled) == int(compiler_works)
+    # which path the eager BHN layers took is recorded too (the C++ kernel where it builds); BN has none
+    kernel = cpu_kernel.available()
+    assert (summary["cpu_kernel"], eager["cpu_kernel"], bn["cpu_kernel"]) == (kernel and not compiler_works, kernel, False)
