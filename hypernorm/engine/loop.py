@@ -300,9 +300,10 @@ class _Fit:
         self.compiled = bool(compile_model)
         # eager HyperNorm-over-BatchNorm layers on a CPU run as the C++ kernel where it builds (same numbers to
         # float32 rounding as the Python paths, which it replaces); recorded beside `compiled`
-        self.cpu_kernel = (env.device.type == "cpu" and not self.compiled and cpu_kernel.available()
+        self.cpu_kernel = (env.device.type == "cpu" and not self.compiled
                            and any(isinstance(m, HyperNorm) and cpu_kernel.applies_to_norm(m.norm)
-                                   for m in self.model.modules()))
+                                   for m in self.model.modules())
+                           and cpu_kernel.available())  # last: it builds the kernel, which a BN run never needs
         self.net: nn.Module = torch.compile(self.model) if compile_model else self.model
         self.train_net = self.net
         self.graphed = False  # train.cuda_graphs: captured at the first batch, once the shapes are known

@@ -1,17 +1,19 @@
 """HyperNorm over BatchNorm on the CPU as one C++ kernel (csrc/batchnorm_cpu.cpp), built on first use.
 
 At small batch an eager HyperNorm layer costs its number of operator calls: the Python fused path makes about a
-hundred per layer and training step, each a microsecond or more of dispatch. The kernel does the same work in
-two passes over x each way, as BatchNorm's own kernel, with the small (N, C) work in C++ between them.
+hundred per layer and training step, each a microsecond or more of dispatch, and records three autograd nodes.
+The kernel makes the same full-size passes over x (the same ATen kernels) with the small (N, C) work in C++
+between them, as one call each way and one autograd node.
 
 It takes an eager, float32, contiguous NCHW input to a BatchNorm standardizer on the CPU; everything else (GPU,
 torch.compile, autocast, channels-last, other norms, a mean far from its spread) takes the paths of
 :mod:`hypernorm.nn.fused`. The kernel is compiled once per machine and torch version with the C++ compiler
-torch.compile also uses (torch.utils.cpp_extension caches it); without one, or with ``HYPERNORM_CPU_KERNEL=0``
-in the environment, the layer warns once and runs the Python paths, which give the same numbers.
+torch.compile also uses (torch.utils.cpp_extension caches it); without one the layer warns once and runs the
+Python paths, which give the same numbers; ``HYPERNORM_CPU_KERNEL=0`` in the environment skips the kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
@@ -21,8 +23,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .fused import FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, autocast_enabled
-from .sync_batchnorm import CPUSyncBatchNorm
+from .fused import (FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, autocast_enabled, check_batch_statistics,
+                    is_local_batchnorm)
 
 __all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load"]
 
@@ -39,9 +41,9 @@ def load() -> ModuleType | None:
     None, with one warning, where it cannot be built."""
     global _kernel, _failure
     if _kernel is None and _failure is None:
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         try:
-            from torch.utils import cpp_extension
+            with _quiet_import_of("torch.utils.cpp_extension"):  # "No CUDA runtime is found" on a CPU-only torch
+                from torch.utils import cpp_extension
 
             _kernel = cpp_extension.load(name="hypernorm_batchnorm_cpu", sources=[str(SOURCE)],
                                          extra_cflags=["-O3"], verbose=False)
@@ -53,6 +55,18 @@ def load() -> ModuleType | None:
     return _kernel
 
 
+@contextlib.contextmanager
+def _quiet_import_of(logger_name: str):
+    """Warnings that a module logs while it is imported are dropped; its logger's level is restored after."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def available() -> bool:
     """Whether the kernel is enabled and builds (building it if needed)."""
     return ENABLED and load() is not None
@@ -60,9 +74,7 @@ def available() -> bool:
 
 def applies_to_norm(norm: nn.Module) -> bool:
     """Whether the kernel computes HyperNorm over the standardizer ``norm`` (in its present train/eval mode)."""
-    kind = type(norm)
-    return kind is nn.BatchNorm2d or (kind in (nn.SyncBatchNorm, CPUSyncBatchNorm) and not norm.training
-                                      and norm.track_running_stats)
+    return is_local_batchnorm(norm)
 
 
 def applies(norm: nn.Module, x: torch.Tensor) -> bool:
@@ -76,6 +88,7 @@ def applies(norm: nn.Module, x: torch.Tensor) -> bool:
         # transforms must see every operator: the kernel reads and writes tensors' memory directly
     return not autocast_enabled("cpu") and (norm.running_mean is None or norm.running_mean.dtype == torch.float32)
 
+
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                       state: tuple[torch.Tensor, torch.Tensor] | None,
                       parameters: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -85,17 +98,15 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
     kernel = load()
     if kernel is None or any(p.dtype != torch.float32 for p in parameters):
         return None
-    N, C, H, W = x.shape
     # The output before the small temporaries: allocated after them it lands at the top of glibc's heap, goes
     # back to the system when freed and faults in again next step (the "nothing set" cost of issue 14).
     y = torch.empty_like(x)
     batch_stats = not _is_eval_bn(norm)
     if batch_stats:
-        if N * H * W == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        check_batch_statistics(x)
         track = norm.training and norm.track_running_stats
         momentum = -1.0 if norm.momentum is None else norm.momentum  # -1: the cumulative average
-        u, mean, _, invstd, far = kernel.batch_statistics(
+        u, mean, invstd, far = kernel.batch_statistics(
             x, norm.eps, FAR_MEAN_OVER_STD, norm.running_mean if track else None,
             norm.running_var if track else None, norm.num_batches_tracked if track else None, momentum)
     else:

@@ -53,13 +53,27 @@ def small_eager_training(x: torch.Tensor) -> bool:
     return x.numel() < limit and eager_autograd(x)
 
 
-def can_fuse(norm: nn.Module) -> bool:
-    """Standardizers whose statistics :func:`fused_standardize_affine` reproduces (subclasses may change them)."""
+def is_local_batchnorm(norm: nn.Module) -> bool:
+    """A BatchNorm2d, or a SyncBatchNorm in eval (training reduces across processes; eval is a BatchNorm), and
+    not a subclass (which may change the statistics)."""
     kind = type(norm)
     if kind is nn.BatchNorm2d:
         return True
-    if kind in (nn.SyncBatchNorm, CPUSyncBatchNorm):  # training reduces across processes; eval is a BatchNorm
-        return not norm.training and norm.track_running_stats
+    return kind in (nn.SyncBatchNorm, CPUSyncBatchNorm) and not norm.training and norm.track_running_stats
+
+
+def check_batch_statistics(x: torch.Tensor) -> None:
+    """BatchNorm's refusal of batch statistics over a single value per channel, with its message."""
+    N, _, H, W = x.shape
+    if N * H * W == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+
+
+def can_fuse(norm: nn.Module) -> bool:
+    """Standardizers whose statistics :func:`fused_standardize_affine` reproduces (subclasses may change them)."""
+    if is_local_batchnorm(norm):
+        return True
+    kind = type(norm)
     if kind is nn.GroupNorm:
         return True
     if kind is nn.InstanceNorm2d:
@@ -155,8 +169,7 @@ def _statistics(x: torch.Tensor, norm: nn.Module, link: _BackwardLink) -> tuple[
         # (overwritten by the affine later), then a sum; the sum and the mean reduce fast in either layout
         square = torch.mul(x, x, out=link.out).mean(dim=(2, 3))
     if isinstance(norm, nn.modules.batchnorm._BatchNorm):
-        if N * H * W == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
+        check_batch_statistics(x)
         mean, square = m.mean(0), square.mean(0)
     elif isinstance(norm, nn.GroupNorm):
         G = norm.num_groups

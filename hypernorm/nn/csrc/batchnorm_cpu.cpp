@@ -26,11 +26,10 @@ void check_input(const Tensor& t, const char* name) {
 
 Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
-// (u, mean, var, invstd, far): the GAP u, (N, C), and the batch mean, biased variance and 1/sigma of every
-// channel, (C,). far: some channel's mean is farther than far_limit standard deviations from zero, where
+// (u, mean, invstd, far): the GAP u, (N, C), and the batch mean and 1/sigma of every channel, (C,). far: some channel's mean is farther than far_limit standard deviations from zero, where
 // x * scale + bias would cancel; then nothing else happens (the caller takes the shifted path). Otherwise running
 // statistics, when given, move as BatchNorm's do: unbiased variance, momentum < 0 for the cumulative average.
-std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(
+std::tuple<Tensor, Tensor, Tensor, bool> batch_statistics(
     const Tensor& x, double eps, double far_limit, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, double momentum) {
   check_input(x, "x");
@@ -64,7 +63,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, bool> batch_statistics(
     running_mean->lerp_(mean, factor);
     running_var->lerp_(var * (count / std::max(count - 1.0, 1.0)), factor);
   }
-  return {u, mean, var, invstd, far};
+  return {u, mean, invstd, far};
 }
 
 // The two gate maps' parameters, as TrimmedLSTMCell.gate_parameters() gives them: input_map (W0, b0, W1, b1),
@@ -212,7 +211,7 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("batch_statistics", &batch_statistics, "GAP and batch statistics of x in one pass");
+  m.def("batch_statistics", &batch_statistics, "GAP and batch statistics of x, moving running statistics");
   m.def("forward", &forward, "HyperNorm (BatchNorm) forward");
   m.def("backward", &backward, "HyperNorm (BatchNorm) backward");
 }
