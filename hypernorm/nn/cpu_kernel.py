@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import platform
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -23,8 +24,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from .fused import (FAR_MEAN_OVER_STD, _is_eval_bn, _running_statistics, autocast_enabled, check_batch_statistics,
-                    is_local_batchnorm)
+from .fused import FAR_MEAN_OVER_STD, autocast_enabled, check_batch_statistics, is_local_batchnorm
 
 __all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load"]
 
@@ -37,22 +37,41 @@ _failure: str | None = None
 
 
 def load() -> ModuleType | None:
-    """The compiled kernel, built on the first call (about a minute, once per machine and torch version);
-    None, with one warning, where it cannot be built."""
+    """The compiled kernel, built on the first call (about a minute, once per machine, torch version and CPU
+    capability); None, with one warning, where it cannot be built."""
     global _kernel, _failure
     if _kernel is None and _failure is None:
         try:
             with _quiet_import_of("torch.utils.cpp_extension"):  # "No CUDA runtime is found" on a CPU-only torch
                 from torch.utils import cpp_extension
 
-            _kernel = cpp_extension.load(name="hypernorm_batchnorm_cpu", sources=[str(SOURCE)],
-                                         extra_cflags=["-O3"], verbose=False)
+            capability, flags = _instruction_set()
+            _kernel = cpp_extension.load(name=f"hypernorm_batchnorm_cpu_{capability.lower()}", sources=[str(SOURCE)],
+                                         extra_cflags=["-O3", *flags], verbose=False)
         except Exception as error:  # no compiler, no headers, a read-only cache: the Python paths serve
             _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             warnings.warn(f"hypernorm: the C++ CPU kernel could not be built ({_failure}); HyperNorm layers run "
                           "their Python paths (same results, slower at small batch). Set HYPERNORM_CPU_KERNEL=0 "
                           "to skip the build.", RuntimeWarning, stacklevel=2)
     return _kernel
+
+
+# ATen's own flags for the vector code of each CPU capability (at::vec::Vectorized takes its width from them)
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def _instruction_set() -> tuple[str, list[str]]:
+    """The CPU capability torch's own kernels run with here (``ATEN_CPU_CAPABILITY`` lowers it) and the compiler
+    flags of a build for it; the build's name carries the capability, so a cache shared by different machines
+    never hands one a build for instructions it lacks."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64") or capability not in _CAPABILITY_FLAGS:
+        return "default", []
+    return capability, [*_CAPABILITY_FLAGS[capability], f"-DCPU_CAPABILITY={capability}",
+                        f"-DCPU_CAPABILITY_{capability}"]
 
 
 @contextlib.contextmanager
@@ -86,7 +105,8 @@ def applies(norm: nn.Module, x: torch.Tensor) -> bool:
             or torch._C._get_tracing_state() is not None or torch._C._functorch.peek_interpreter_stack() is not None:
         return False  # compilers, exporters, tracers, dispatch modes (FLOP counter, fake tensors) and torch.func
         # transforms must see every operator: the kernel reads and writes tensors' memory directly
-    return not autocast_enabled("cpu") and (norm.running_mean is None or norm.running_mean.dtype == torch.float32)
+    running_mean = norm._buffers.get("running_mean")
+    return not autocast_enabled("cpu") and (running_mean is None or running_mean.dtype == torch.float32)
 
 
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
@@ -96,38 +116,36 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
     None, state untouched, where the Python paths must serve: no kernel, or a mean far from its spread. Moves the
     running statistics as BatchNorm does."""
     kernel = load()
-    if kernel is None or any(p.dtype != torch.float32 for p in parameters):
+    if kernel is None or parameters[0].dtype != torch.float32:  # the kernel checks the other seven
         return None
-    # The output before the small temporaries: allocated after them it lands at the top of glibc's heap, goes
-    # back to the system when freed and faults in again next step (the "nothing set" cost of issue 14).
-    y = torch.empty_like(x)
-    batch_stats = not _is_eval_bn(norm)
+    buffers = norm._buffers  # Module.__getattr__ costs a microsecond a name
+    running_mean, running_var, tracked = buffers.get("running_mean"), buffers.get("running_var"), None
+    batch_stats = norm.training or running_mean is None
     if batch_stats:
         check_batch_statistics(x)
-        track = norm.training and norm.track_running_stats
-        momentum = -1.0 if norm.momentum is None else norm.momentum  # -1: the cumulative average
-        u, mean, invstd, far = kernel.batch_statistics(
-            x, norm.eps, FAR_MEAN_OVER_STD, norm.running_mean if track else None,
-            norm.running_var if track else None, norm.num_batches_tracked if track else None, momentum)
-    else:
-        u = None  # the kernel's forward takes the GAP
-        mean, invstd, far = _running_statistics(norm)
-    if far:
-        return None
+        if norm.training and norm.track_running_stats:
+            tracked = buffers.get("num_batches_tracked")
+        else:
+            running_mean = running_var = None
     h0, c0 = (None, None) if state is None else state
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *parameters)):
-        return _Layer.apply(x, (y,), h0, c0, u, mean, invstd, batch_stats, *parameters)  # y in a tuple: a
-        # buffer to write, not an input whose gradient autograd would track
-    return tuple(kernel.forward(x, y, u, mean, invstd, h0, c0, parameters)[:3])
+    out = kernel.forward(x, batch_stats, norm.eps, FAR_MEAN_OVER_STD, running_mean, running_var, tracked,
+                         -1.0 if norm.momentum is None else norm.momentum, h0, c0, parameters)  # -1: cumulative
+    if not out:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or parameters[0].requires_grad
+                                    or any(t is not None and t.requires_grad for t in (h0, c0, *parameters[1:]))):
+        return _Layer.apply(x, h0, c0, out, batch_stats, *parameters)
+    return out[0], out[1], out[2]
 
 
 class _Layer(torch.autograd.Function):
-    """The kernel's forward and backward as one autograd node: inputs x, the relayed (h0, c0) and the eight
-    parameters of the LSTM's gate maps; outputs y and the (h, c) handed to the next block."""
+    """The kernel's forward (computed before, without autograd, and passed in ``out``) and backward as one autograd
+    node: inputs x, the relayed (h0, c0) and the eight parameters of the LSTM's gate maps; outputs y and the
+    (h, c) handed to the next block."""
 
     @staticmethod
-    def forward(ctx, x, out, h0, c0, u, mean, invstd, batch_stats, *parameters):
-        y, h, c, u, r, s, g, squashed = _kernel.forward(x, out[0], u, mean, invstd, h0, c0, parameters)
+    def forward(ctx, x, h0, c0, out, batch_stats, *parameters):
+        y, h, c, u, mean, invstd, r, s, g, squashed = out
         ctx.save_for_backward(x, h0, c0, u, mean, invstd, h, r, s, g, squashed, *parameters)
         ctx.batch_stats = batch_stats
         return y, h, c
@@ -139,4 +157,4 @@ class _Layer(torch.autograd.Function):
         grad_x, grad_h0, grad_c0, *grad_parameters = _kernel.backward(
             grad_y, grad_h, grad_c, x, u, mean, invstd, h0, c0, parameters, h, r, s, g, squashed, ctx.batch_stats,
             ctx.needs_input_grad[0])
-        return (grad_x, None, grad_h0, grad_c0, None, None, None, None, *grad_parameters)
+        return (grad_x, grad_h0, grad_c0, None, None, *grad_parameters)

@@ -1,13 +1,15 @@
 // HyperNorm over a BatchNorm standardizer on the CPU (float32, contiguous NCHW): the statistics, the meta LSTM
 // step and the per-sample affine, forward and backward, as one call each way.
 //
-// At small batch an eager layer costs its number of operator calls from Python, not its passes over memory: the
-// Python paths (hypernorm/nn/fused.py) make about a hundred a training step per layer, each a microsecond or more
-// of dispatch, and three autograd nodes. Here the full-size passes are the same ATen kernels as there (vectorized
-// for the machine by ATen's own dispatch: hand-written loops measured 2-5x slower than them), the small (N, C)
-// arithmetic is plain loops, and no Python runs between them. hypernorm/nn/cpu_kernel.py builds this file and
-// wraps it as one autograd node; fused.py documents the math.
+// At small batch an eager layer costs its number of operator calls, not its passes over memory: the Python paths
+// (hypernorm/nn/fused.py) make about a hundred a training step per layer, each a microsecond or more of dispatch.
+// The forward here is loops over ATen's own vector type (at::vec::Vectorized, built for the machine's instruction
+// set: cpu_kernel.py compiles one build per torch CPU capability) with ATen's GEMM only where the LSTM is large;
+// the backward's full-size passes are ATen kernels. hypernorm/nn/cpu_kernel.py builds this file and wraps it as
+// one autograd node; fused.py documents the math.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -18,6 +20,10 @@ namespace {
 
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+// Below this many multiply-adds an LSTM GEMM runs as the loops here: ATen's GEMM costs microseconds to dispatch.
+constexpr int64_t kSmallGemm = int64_t{1} << 18;
 
 void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
@@ -26,44 +32,56 @@ void check_input(const Tensor& t, const char* name) {
 
 Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
-// (u, mean, invstd, far): the GAP u, (N, C), and the batch mean and 1/sigma of every channel, (C,). far: some channel's mean is farther than far_limit standard deviations from zero, where
-// x * scale + bias would cancel; then nothing else happens (the caller takes the shifted path). Otherwise running
-// statistics, when given, move as BatchNorm's do: unbiased variance, momentum < 0 for the cumulative average.
-std::tuple<Tensor, Tensor, Tensor, bool> batch_statistics(
-    const Tensor& x, double eps, double far_limit, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, double momentum) {
-  check_input(x, "x");
-  TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const Tensor u = at::mean(x, {2, 3});
-  const Tensor norms = at::linalg_vector_norm(x, 2, at::IntArrayRef({2, 3}));  // sqrt of the sums of squares
-  auto mean = at::empty({C}, x.options()), var = at::empty({C}, x.options()), invstd = at::empty({C}, x.options());
-  const float *up = u.data_ptr<float>(), *qp = norms.data_ptr<float>();
-  float *mp = mean.data_ptr<float>(), *vp = var.data_ptr<float>(), *ip = invstd.data_ptr<float>();
-  const double count = static_cast<double>(N * HW);
-  bool far = false;
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0, q = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      s += up[n * C + c];
-      q += static_cast<double>(qp[n * C + c]) * qp[n * C + c];
+float lane_sum(const Vec& v) {
+  float lanes[kLanes];
+  v.store(lanes);
+  double total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
+  return static_cast<float>(total);
+}
+
+// The sum (and, with squares, the sum of squares) of each of `maps` contiguous runs of `len` floats.
+template <bool squares>
+void map_sums(const float* x, int64_t maps, int64_t len, float* sums, float* sums_of_squares) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
+  at::parallel_for(0, maps, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* p = x + m * len;
+      Vec s0(0), s1(0), q0(0), q1(0);  // two accumulators each: an add's latency, not its throughput, bounds one
+      int64_t i = 0;
+      for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+        const Vec a = Vec::loadu(p + i), b = Vec::loadu(p + i + kLanes);
+        s0 = s0 + a;
+        s1 = s1 + b;
+        if (squares) {
+          q0 = at::vec::fmadd(a, a, q0);
+          q1 = at::vec::fmadd(b, b, q1);
+        }
+      }
+      for (; i < len; i += kLanes) {  // loadu with a count fills the lanes past it with zeros
+        const Vec a = Vec::loadu(p + i, std::min(kLanes, len - i));
+        s0 = s0 + a;
+        if (squares) q0 = at::vec::fmadd(a, a, q0);
+      }
+      sums[m] = lane_sum(s0 + s1);
+      if (squares) sums_of_squares[m] = lane_sum(q0 + q1);
     }
-    const double m = s / N, v = std::max(q / count - m * m, 0.0), i = 1.0 / std::sqrt(v + eps);
-    mp[c] = static_cast<float>(m);
-    vp[c] = static_cast<float>(v);
-    ip[c] = static_cast<float>(i);
-    far = far || std::abs(m * i) > far_limit;
-  }
-  if (!far && running_mean && running_var) {  // ATen's in-place ops: the buffers' version counters move
-    double factor = momentum;
-    if (num_batches_tracked) {
-      num_batches_tracked->add_(1);
-      if (momentum < 0) factor = 1.0 / num_batches_tracked->item<double>();
+  });
+}
+
+// y = x * scale + bias per map, scale and bias (N * C).
+void affine(const float* x, const float* scale, const float* bias, int64_t maps, int64_t len, float* y) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
+  at::parallel_for(0, maps, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const Vec a(scale[m]), b(bias[m]);
+      const float* p = x + m * len;
+      float* q = y + m * len;
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) at::vec::fmadd(Vec::loadu(p + i), a, b).store(q + i);
+      if (i < len) at::vec::fmadd(Vec::loadu(p + i, len - i), a, b).store(q + i, len - i);
     }
-    running_mean->lerp_(mean, factor);
-    running_var->lerp_(var * (count / std::max(count - 1.0, 1.0)), factor);
-  }
-  return {u, mean, invstd, far};
+  });
 }
 
 // The two gate maps' parameters, as TrimmedLSTMCell.gate_parameters() gives them: input_map (W0, b0, W1, b1),
@@ -72,50 +90,190 @@ struct GateParameters {
   Tensor w0_in, b0_in, w1_in, b1_in, w0_hid, b0_hid, w1_hid, b1_hid;
   explicit GateParameters(const std::vector<Tensor>& p)
       : w0_in(p.at(0)), b0_in(p.at(1)), w1_in(p.at(2)), b1_in(p.at(3)),
-        w0_hid(p.at(4)), b0_hid(p.at(5)), w1_hid(p.at(6)), b1_hid(p.at(7)) {}
+        w0_hid(p.at(4)), b0_hid(p.at(5)), w1_hid(p.at(6)), b1_hid(p.at(7)) {
+    for (const Tensor& t : p) check_input(t, "an LSTM parameter");
+  }
 };
 
-// The trimmed LSTM step of hypernorm/nn/meta_lstm.py: gates = input_map(u) + hidden_map(h0) as two GEMMs,
-// relu([W0_in u + b0_in, W0_hid h0 + b0_hid]) @ [W1_in, W1_hid]^T + b1_in + b1_hid. Returns {h, c, r, s, g, squashed}.
-std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w) {
-  const int64_t N = u.size(0), C = u.size(1);
-  Tensor z_hid = h0 ? at::addmm(w.b0_hid, *h0, w.w0_hid.t()) : w.b0_hid.expand({N, w.b0_hid.size(0)});
-  Tensor r = at::cat({at::addmm(w.b0_in, u, w.w0_in.t()), z_hid}, 1).relu_();
-  Tensor gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
-  Tensor s = gates.sigmoid();  // the g quarter is unused; one kernel over all four beats three slices
-  Tensor g = gates.narrow(1, 2 * C, C).tanh();
-  Tensor i = s.narrow(1, 0, C), f = s.narrow(1, C, C), o = s.narrow(1, 3 * C, C);
-  Tensor c = c0 ? at::addcmul(f * *c0, i, g) : i * g;
-  Tensor squashed = c.sigmoid();
-  return {o * squashed, c, r, s, g, squashed};
+// out[n, j] = relu(b[j] + W[j, :] . in[n, :]) for W (M, K), in (N, K); out rows `stride` apart. in null: zeros.
+void small_bottleneck(const float* in, const Tensor& weight, const Tensor& bias, int64_t N, float* out,
+                      int64_t stride) {
+  const int64_t M = weight.size(0), K = weight.size(1);
+  const float *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t j = 0; j < M; ++j) {
+      float z = b[j];
+      if (in != nullptr) {
+        const float *row = w + j * K, *v = in + n * K;
+        Vec acc(0);
+        int64_t k = 0;
+        for (; k + kLanes <= K; k += kLanes) acc = at::vec::fmadd(Vec::loadu(row + k), Vec::loadu(v + k), acc);
+        if (k < K) acc = at::vec::fmadd(Vec::loadu(row + k, K - k), Vec::loadu(v + k, K - k), acc);
+        z += lane_sum(acc);
+      }
+      out[n * stride + j] = std::max(z, 0.0f);
+    }
+  }
 }
 
-// {y, h, c, u, r, s, g, squashed}: y (written; the caller allocates it before any temporary, see backward)
-// = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where
-// (h, c) is the LSTM step from u = GAP(x) and the relayed state (h0, c0).
-std::vector<Tensor> forward(const Tensor& x, const Tensor& y, const OptTensor& u_in, const Tensor& mean,
-                            const Tensor& invstd, const OptTensor& h0, const OptTensor& c0,
-                            const std::vector<Tensor>& parameters) {
-  check_input(x, "x");
-  check_input(y, "y");
-  TORCH_CHECK(y.sizes() == x.sizes(), "y must have x's shape");
-  check_input(mean, "mean");
-  check_input(invstd, "invstd");
-  const int64_t N = x.size(0), C = x.size(1);
-  const Tensor u = u_in ? *u_in : at::mean(x, {2, 3});
-  auto step = cell_forward(u, h0, c0, GateParameters(parameters));
-  const Tensor h = step[0].contiguous(), c = step[1].contiguous();
-  auto scale = at::empty({N, C}, x.options()), bias = at::empty({N, C}, x.options());
-  const float *hp = h.data_ptr<float>(), *cp = c.data_ptr<float>();
-  const float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
-  float *sp = scale.data_ptr<float>(), *bp = bias.data_ptr<float>();
-  for (int64_t p = 0; p < N * C; ++p) {
-    sp[p] = hp[p] * ip[p % C];
-    bp[p] = cp[p] - mp[p % C] * sp[p];
+// gates (N, 4C) = b1_in + b1_hid + r[:, :hidden] W1_in^T + r[:, hidden:] W1_hid^T, as rows of axpys over 4C.
+void small_gates(const float* r, const GateParameters& w, int64_t N, float* gates) {
+  const int64_t G = w.w1_in.size(0), hidden = w.w1_in.size(1);
+  std::vector<float> transposed(2 * hidden * G), bias(G);  // [W1_in, W1_hid]^T, (2 hidden, 4C)
+  const float *w_in = w.w1_in.data_ptr<float>(), *w_hid = w.w1_hid.data_ptr<float>();
+  const float *b_in = w.b1_in.data_ptr<float>(), *b_hid = w.b1_hid.data_ptr<float>();
+  for (int64_t j = 0; j < G; ++j) {
+    for (int64_t k = 0; k < hidden; ++k) {
+      transposed[k * G + j] = w_in[j * hidden + k];
+      transposed[(hidden + k) * G + j] = w_hid[j * hidden + k];
+    }
+    bias[j] = b_in[j] + b_hid[j];
   }
-  // mul then add_: on CPU a broadcasting addcmul is several times slower than the two
-  at::mul_out(const_cast<Tensor&>(y), x, per_map(scale, N, C)).add_(per_map(bias, N, C));
-  return {y, h, c, u, step[2], step[3], step[4], step[5]};
+  for (int64_t n = 0; n < N; ++n) {
+    float* out = gates + n * G;
+    std::copy(bias.begin(), bias.end(), out);
+    for (int64_t k = 0; k < 2 * hidden; ++k) {
+      const float weight_of_row = r[n * 2 * hidden + k];
+      if (weight_of_row == 0.0f) continue;  // a ReLU zero: about half of them
+      const Vec a(weight_of_row);
+      const float* row = transposed.data() + k * G;
+      int64_t j = 0;
+      for (; j + kLanes <= G; j += kLanes) at::vec::fmadd(a, Vec::loadu(row + j), Vec::loadu(out + j)).store(out + j);
+      if (j < G) at::vec::fmadd(a, Vec::loadu(row + j, G - j), Vec::loadu(out + j, G - j)).store(out + j, G - j);
+    }
+  }
+}
+
+Vec sigmoid(const Vec& v) { return (Vec(1.0f) + v.neg().exp()).reciprocal(); }
+
+// The trimmed LSTM step of hypernorm/nn/meta_lstm.py: gates = input_map(u) + hidden_map(h0), i, f, o = sigmoid,
+// g = tanh, c = f * c0 + i * g, h = o * sigmoid(c). Returns {h, c, r, s, g, squashed}: r = the bottleneck's
+// activations [relu(W0_in u + b0_in), relu(W0_hid h0 + b0_hid)], s = sigmoid(gates) (its g quarter is not
+// computed: zeros), g = tanh of the g quarter, squashed = sigmoid(c).
+std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w) {
+  const int64_t N = u.size(0), C = u.size(1), hidden = w.w0_in.size(0);
+  const auto options = u.options();
+  Tensor r = at::empty({N, 2 * hidden}, options), gates;
+  if (N * 4 * C * 2 * hidden <= kSmallGemm) {
+    small_bottleneck(u.data_ptr<float>(), w.w0_in, w.b0_in, N, r.data_ptr<float>(), 2 * hidden);
+    small_bottleneck(h0 ? h0->data_ptr<float>() : nullptr, w.w0_hid, w.b0_hid, N, r.data_ptr<float>() + hidden,
+                     2 * hidden);
+    gates = at::empty({N, 4 * C}, options);
+    small_gates(r.data_ptr<float>(), w, N, gates.data_ptr<float>());
+  } else {  // ATen's GEMM
+    Tensor r_in = r.narrow(1, 0, hidden), r_hid = r.narrow(1, hidden, hidden);
+    at::addmm_out(r_in, w.b0_in, u, w.w0_in.t());
+    if (h0) {
+      at::addmm_out(r_hid, w.b0_hid, *h0, w.w0_hid.t());
+    } else {
+      r_hid.copy_(w.b0_hid.expand({N, hidden}));
+    }
+    r.relu_();
+    gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
+  }
+  Tensor s = at::empty({N, 4 * C}, options), g = at::empty({N, C}, options), c = at::empty({N, C}, options),
+         squashed = at::empty({N, C}, options), h = at::empty({N, C}, options);
+  const float* gp = gates.data_ptr<float>();
+  const float* c0p = c0 ? c0->data_ptr<float>() : nullptr;
+  float *sp = s.data_ptr<float>(), *g_out = g.data_ptr<float>(), *cp = c.data_ptr<float>(),
+        *qp = squashed.data_ptr<float>(), *hp = h.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = gp + n * 4 * C;
+    float* s_row = sp + n * 4 * C;
+    for (int64_t j = 0; j < C; j += kLanes) {
+      const int64_t count = std::min(kLanes, C - j), at = n * C + j;
+      const Vec i = sigmoid(Vec::loadu(row + j, count)), f = sigmoid(Vec::loadu(row + C + j, count)),
+                gate = Vec::loadu(row + 2 * C + j, count).tanh(), o = sigmoid(Vec::loadu(row + 3 * C + j, count));
+      const Vec cell = c0p ? at::vec::fmadd(f, Vec::loadu(c0p + at, count), i * gate) : i * gate;
+      const Vec squash = sigmoid(cell);
+      i.store(s_row + j, count);
+      f.store(s_row + C + j, count);
+      Vec(0.0f).store(s_row + 2 * C + j, count);
+      o.store(s_row + 3 * C + j, count);
+      gate.store(g_out + at, count);
+      cell.store(cp + at, count);
+      squash.store(qp + at, count);
+      (o * squash).store(hp + at, count);
+    }
+  }
+  return {h, c, r, s, g, squashed};
+}
+
+// {y, h, c, u, mean, invstd, r, s, g, squashed}, or nothing where some channel's mean is farther than far_limit
+// standard deviations from zero (x * scale + bias would cancel; the caller takes the shifted path), before any
+// state changes. y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where (h, c) is the LSTM
+// step from u = GAP(x) and the relayed (h0, c0). batch_stats: mean and sigma of the batch; running statistics, when
+// given, then move as BatchNorm's do (unbiased variance; momentum < 0: the cumulative average). Otherwise
+// (a BatchNorm in eval) they are running_mean and running_var's.
+std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, double far_limit,
+                            const OptTensor& running_mean, const OptTensor& running_var,
+                            const OptTensor& num_batches_tracked, double momentum, const OptTensor& h0,
+                            const OptTensor& c0, const std::vector<Tensor>& parameters) {
+  at::NoGradGuard no_grad;  // one autograd node (cpu_kernel._Layer) stands for all of this
+  check_input(x, "x");
+  TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
+  const GateParameters w(parameters);
+  // The full-size output before the small temporaries. Allocated after them, it would land above them at the top
+  // of glibc's heap, go back to the system when freed, and fault its pages in again every step.
+  Tensor y = at::empty_like(x);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), maps = N * C;
+  const auto options = x.options();
+  Tensor u = at::empty({N, C}, options), mean = at::empty({C}, options), invstd = at::empty({C}, options);
+  float *up = u.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
+  bool far = false;
+  if (batch_stats) {
+    std::vector<float> squares(maps);
+    map_sums<true>(x.data_ptr<float>(), maps, HW, up, squares.data());
+    std::vector<float> var(C);
+    const double count = static_cast<double>(N * HW);
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0, q = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        s += up[n * C + c];
+        q += squares[n * C + c];
+      }
+      const double m = s / count, v = std::max(q / count - m * m, 0.0), i = 1.0 / std::sqrt(v + eps);
+      mp[c] = static_cast<float>(m);
+      var[c] = static_cast<float>(v * (count / std::max(count - 1.0, 1.0)));
+      ip[c] = static_cast<float>(i);
+      far = far || std::abs(m * i) > far_limit;
+    }
+    if (far) return {};
+    if (running_mean && running_var) {  // ATen's in-place ops: the buffers' version counters move
+      double factor = momentum;
+      if (num_batches_tracked) {
+        num_batches_tracked->add_(1);
+        if (momentum < 0) factor = 1.0 / num_batches_tracked->item<double>();
+      }
+      running_mean->lerp_(mean, factor);
+      running_var->lerp_(at::from_blob(var.data(), {C}, options), factor);
+    }
+  } else {
+    TORCH_CHECK(running_mean && running_var, "statistics of a BatchNorm in eval need its running buffers");
+    check_input(*running_mean, "running_mean");
+    check_input(*running_var, "running_var");
+    const float *rm = running_mean->data_ptr<float>(), *rv = running_var->data_ptr<float>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double i = 1.0 / std::sqrt(static_cast<double>(rv[c]) + eps);
+      mp[c] = rm[c];
+      ip[c] = static_cast<float>(i);
+      far = far || std::abs(rm[c] * i) > far_limit;
+    }
+    if (far) return {};
+    map_sums<false>(x.data_ptr<float>(), maps, HW, up, nullptr);
+  }
+  for (int64_t p = 0; p < maps; ++p) up[p] /= static_cast<float>(HW);
+  if (h0) check_input(*h0, "h0");
+  if (c0) check_input(*c0, "c0");
+  auto step = cell_forward(u, h0, c0, w);
+  const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
+  std::vector<float> scale(maps), bias(maps);
+  for (int64_t p = 0; p < maps; ++p) {
+    scale[p] = hp[p] * ip[p % C];
+    bias[p] = cp[p] - mp[p % C] * scale[p];
+  }
+  affine(x.data_ptr<float>(), scale.data(), bias.data(), maps, HW, y.data_ptr<float>());
+  return {y, step[0], step[1], u, mean, invstd, step[2], step[3], step[4], step[5]};
 }
 
 // {du, dh0, dc0, then the gradients of the eight gate parameters}: _CellStep.backward of meta_lstm.py, with
@@ -142,7 +300,7 @@ std::vector<Tensor> cell_backward(const Tensor& grad_h, Tensor grad_c, const Ten
           grad_w1.narrow(1, hidden, hidden).contiguous(), grad_b1};
 }
 
-// {dx, dh0, dc0, then the eight parameters' gradients} of forward() followed by batch_statistics() (batch_stats) or with constant
+// {dx, dh0, dc0, then the eight parameters' gradients} of forward(), with the batch's statistics (batch_stats) or constant
 // mean and invstd (a BatchNorm in eval). Two passes over x: sum(dy) and sum(dy * x) per feature map, then
 // dx = dy * scale + x * a + b with a per channel (the variance's gradient) and b per map (the mean's and GAP's).
 std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next, const Tensor& grad_c_next,
@@ -211,7 +369,6 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("batch_statistics", &batch_statistics, "GAP and batch statistics of x, moving running statistics");
   m.def("forward", &forward, "HyperNorm (BatchNorm) forward");
   m.def("backward", &backward, "HyperNorm (BatchNorm) backward");
 }
