@@ -128,14 +128,15 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
         else:
             running_mean = running_var = None
     h0, c0 = (None, None) if state is None else state
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or parameters[0].requires_grad
+        or any(t is not None and t.requires_grad for t in (h0, c0, *parameters[1:])))
     out = kernel.forward(x, batch_stats, norm.eps, FAR_MEAN_OVER_STD, running_mean, running_var, tracked,
-                         -1.0 if norm.momentum is None else norm.momentum, h0, c0, parameters)  # -1: cumulative
+                         -1.0 if norm.momentum is None else norm.momentum, h0, c0, parameters,  # -1: cumulative
+                         differentiable)
     if not out:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or parameters[0].requires_grad
-                                    or any(t is not None and t.requires_grad for t in (h0, c0, *parameters[1:]))):
-        return _Layer.apply(x, h0, c0, out, batch_stats, *parameters)
-    return out[0], out[1], out[2]
+    return _Layer.apply(x, h0, c0, out, batch_stats, *parameters) if differentiable else tuple(out)
 
 
 class _Layer(torch.autograd.Function):

@@ -106,7 +106,7 @@ class HyperNorm(nn.Module):
             relay.reset()
         try:
             self._check_input(x, relay)
-            return self._forward_path(x)
+            return self._forward_path(x, relay)
         finally:
             if self.ends_stage:
                 relay.reset()
@@ -120,12 +120,12 @@ class HyperNorm(nn.Module):
             raise ValueError(f"{self.name}: expected input of shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
-        dtype = relay.cell.input_map._modules["0"].weight.dtype
+        dtype = relay.cell.gate_parameters()[1].dtype  # a bias: a parametrized weight would be computed
         if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"{self.name}: input dtype {x.dtype} does not match the layer's parameters ({dtype}); "
                              f"cast one to the other (e.g. model.to({dtype})) or run under torch.autocast")
 
-    def _forward_path(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_path(self, x: torch.Tensor, relay: StageRelay) -> torch.Tensor:
         if x.numel() == 0:  # as torch's norms: an empty output, running statistics untouched
             return x.clone()
         if self.channels_last:  # the standardizer's own kernel (a LayerNorm), then the affine over the last dim
@@ -134,12 +134,12 @@ class HyperNorm(nn.Module):
             return _affine(self.norm(x), h.view(shape), c.view(shape))
         if not self.fused:
             return self._forward_reference(x)
-        if cpu_kernel.applies(self.norm, x):
-            relay = self.relay
-            out = cpu_kernel.batchnorm_forward(self.norm, x, relay.state if self.relayed else None,
+        norm = self.norm
+        if cpu_kernel.applies(norm, x):
+            out = cpu_kernel.batchnorm_forward(norm, x, relay.state if self.relayed else None,
                                                relay.cell.gate_parameters())
             if out is not None:
-                self._hand_on(out[1], out[2])
+                self._hand_on(out[1], out[2], relay)
                 return out[0]
         if fused_kernels.can_fuse(self.norm) and not fused_kernels.small_eager_training(x):
             return fused_kernels.fused_standardize_affine(self.norm, x, self._lstm_step)
@@ -163,9 +163,10 @@ class HyperNorm(nn.Module):
             return self._hand_on(*relay.cell.forward_reference(u, state))
         return self._hand_on(*relay.cell(u, state, relay.pass_weights()))
 
-    def _hand_on(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hand_on(self, h: torch.Tensor, c: torch.Tensor,
+                 relay: StageRelay | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's (h, c): relayed to the next block, and counted while relay statistics are tracked."""
-        self.relay.hand_on((h, c))
+        (relay or self.relay).hand_on((h, c))
         if self.relay_stats is not None:
             self.relay_stats.add(h, c)
         return h, c

@@ -71,10 +71,12 @@ class TrimmedLSTMCell(nn.Module):
 
     def gate_parameters(self) -> tuple[torch.Tensor, ...]:
         """(W0, b0, W1, b1) of input_map, then of hidden_map: what the CPU kernel (cpu_kernel.py) takes."""
-        first_in, second_in = self.input_map._modules["0"], self.input_map._modules["2"]
-        first_hid, second_hid = self.hidden_map._modules["0"], self.hidden_map._modules["2"]
-        return (first_in.weight, first_in.bias, second_in.weight, second_in.bias,
-                first_hid.weight, first_hid.bias, second_hid.weight, second_hid.bias)
+        input_map, hidden_map = self._modules["input_map"]._modules, self._modules["hidden_map"]._modules
+        linears = (input_map["0"], input_map["2"], hidden_map["0"], hidden_map["2"])
+        try:  # from the modules' dicts: Module.__getattr__ costs a microsecond a name
+            return tuple(p for linear in linears for p in (linear._parameters["weight"], linear._parameters["bias"]))
+        except KeyError:  # a parametrized weight (torch.nn.utils.parametrize) is computed by its property
+            return tuple(p for linear in linears for p in (linear.weight, linear.bias))
 
     def forward_reference(
         self, u: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -146,3 +146,71 @@ def test_environment_variable_turns_it_off(monkeypatch):
         monkeypatch.delenv("HYPERNORM_CPU_KERNEL")
         importlib.reload(cpu_kernel)
     assert cpu_kernel.ENABLED is True
+
+
+@pytest.mark.parametrize("channels,batch,size", [(3, 2, 5), (16, 8, 4), (20, 4, 7), (64, 128, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_kernel_matches_the_reference_path_over_widths_and_batches(channels, batch, size, training, monkeypatch):
+    """Widths that fill no vector exactly (3, 20), maps with tails (5x5, 7x7), and a batch large enough that the
+    LSTM's GEMMs go to ATen (64 channels at batch 128: 2^20 multiply-adds, above the loops' 2^18). Relayed state
+    from a first layer, outputs and every gradient against the reference path in float64."""
+    use_cpu_kernel(monkeypatch)
+    torch.manual_seed(0)
+    first, second = HyperNorm(channels, "bn"), HyperNorm(channels, "bn")
+    hypernorm.nn.share_relay([first, second])
+    stage = torch.nn.Sequential(first, torch.nn.ReLU(), second).train(training)
+    if not training:
+        for layer in (first, second):
+            layer.norm.running_mean.uniform_(-1, 1)
+            layer.norm.running_var.uniform_(0.5, 2)
+    reference = set_fused(copy.deepcopy(stage).double(), False)
+    x = torch.randn(batch, channels, size, size) * 2 + 0.5
+    upstream = torch.randn(x.shape)
+
+    def run(net, dtype):
+        inputs = x.to(dtype).clone().requires_grad_()
+        out = net(inputs)
+        (out * upstream.to(dtype)).sum().backward()
+        return [out, inputs.grad, *(p.grad for p in net.parameters())]
+
+    got, expected = run(stage, torch.float32), run(reference, torch.float64)
+    assert served_by_kernel(copy.deepcopy(first), x)  # a copy: a training step would move the statistics again
+    for index, (a, b) in enumerate(zip(got, expected, strict=True)):
+        scale = max(float(b.abs().max()), 1e-3)  # a dead bottleneck unit's gradient is all zeros
+        error = float((a.double() - b).abs().max()) / scale
+        assert error < 1e-4, f"tensor {index}: relative error {error:.2e}"  # float32 rounding: measured below 3e-6
+    if training:
+        torch.testing.assert_close(stage[0].norm.running_var.double(), reference[0].norm.running_var,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_each_cpu_capability_gets_its_own_build(monkeypatch):
+    """A build's name carries the instruction set it was compiled for, so a cache shared by different machines
+    never loads one built for instructions this machine lacks; other architectures get a portable build."""
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "x86_64")
+    for capability, flag in (("AVX512", "-mavx512f"), ("AVX2", "-mavx2")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        name, flags = cpu_kernel._instruction_set()
+        assert name == capability and flag in flags and f"-DCPU_CAPABILITY_{capability}" in flags
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert cpu_kernel._instruction_set() == ("default", [])
+    monkeypatch.setattr(cpu_kernel.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # never x86 flags elsewhere
+    assert cpu_kernel._instruction_set() == ("default", [])
+
+
+def test_a_parametrized_lstm_weight_reaches_the_kernel_and_gets_its_gradient(monkeypatch):
+    """gate_parameters reads the Linear layers' dicts for speed; a parametrized weight (weight norm) is not in them
+    and must still be computed and differentiated."""
+    use_cpu_kernel(monkeypatch)
+    torch.manual_seed(0)
+    layer = HyperNorm(8, "bn")
+    torch.nn.utils.parametrizations.weight_norm(layer.relay.cell.input_map[0])
+    reference = set_fused(copy.deepcopy(layer), False)
+    x = torch.randn(4, 8, 5, 5)
+    assert served_by_kernel(layer, x)
+    layer(x).square().sum().backward()
+    reference(x).square().sum().backward()
+    got = layer.relay.cell.input_map[0].parametrizations.weight.original1.grad
+    expected = reference.relay.cell.input_map[0].parametrizations.weight.original1.grad
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)

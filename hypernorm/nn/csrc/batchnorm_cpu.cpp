@@ -9,6 +9,7 @@
 // one autograd node; fused.py documents the math.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -32,13 +33,7 @@ void check_input(const Tensor& t, const char* name) {
 
 Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
-float lane_sum(const Vec& v) {
-  float lanes[kLanes];
-  v.store(lanes);
-  double total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
-  return static_cast<float>(total);
-}
+float lane_sum(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v); }
 
 // The sum (and, with squares, the sum of squares) of each of `maps` contiguous runs of `len` floats.
 template <bool squares>
@@ -84,6 +79,25 @@ void affine(const float* x, const float* scale, const float* bias, int64_t maps,
   });
 }
 
+// The forward's small tensors as views of one allocation. A dozen separate small mallocs a layer land around the
+// full-size buffers at the top of glibc's heap, and keep it from handing those back and forth without page faults.
+class Arena {
+ public:
+  Arena(int64_t numel, const at::TensorOptions& options) : buffer_(at::empty({numel}, options)) {}
+  Tensor take(at::IntArrayRef shape) {
+    const int64_t numel = c10::multiply_integers(shape);
+    TORCH_CHECK(used_ + numel <= buffer_.numel(), "arena overrun");
+    Tensor t = buffer_.narrow(0, used_, numel).view(shape);
+    used_ += numel;
+    return t;
+  }
+  float* scratch(int64_t numel) { return take({numel}).data_ptr<float>(); }
+
+ private:
+  Tensor buffer_;
+  int64_t used_ = 0;
+};
+
 // The two gate maps' parameters, as TrimmedLSTMCell.gate_parameters() gives them: input_map (W0, b0, W1, b1),
 // then hidden_map (the same four).
 struct GateParameters {
@@ -117,26 +131,28 @@ void small_bottleneck(const float* in, const Tensor& weight, const Tensor& bias,
 }
 
 // gates (N, 4C) = b1_in + b1_hid + r[:, :hidden] W1_in^T + r[:, hidden:] W1_hid^T, as rows of axpys over 4C.
-void small_gates(const float* r, const GateParameters& w, int64_t N, float* gates) {
+// transposed: room for [W1_in, W1_hid]^T (2 hidden, 4C) and the summed bias (4C).
+void small_gates(const float* r, const GateParameters& w, int64_t N, float* gates, float* transposed) {
   const int64_t G = w.w1_in.size(0), hidden = w.w1_in.size(1);
-  std::vector<float> transposed(2 * hidden * G), bias(G);  // [W1_in, W1_hid]^T, (2 hidden, 4C)
+  float* bias = transposed + 2 * hidden * G;
   const float *w_in = w.w1_in.data_ptr<float>(), *w_hid = w.w1_hid.data_ptr<float>();
   const float *b_in = w.b1_in.data_ptr<float>(), *b_hid = w.b1_hid.data_ptr<float>();
-  for (int64_t j = 0; j < G; ++j) {
-    for (int64_t k = 0; k < hidden; ++k) {
-      transposed[k * G + j] = w_in[j * hidden + k];
-      transposed[(hidden + k) * G + j] = w_hid[j * hidden + k];
+  for (int64_t k = 0; k < hidden; ++k) {  // rows of the transpose in turn: strided stores would thrash the cache
+    float *row_in = transposed + k * G, *row_hid = transposed + (hidden + k) * G;
+    for (int64_t j = 0; j < G; ++j) {
+      row_in[j] = w_in[j * hidden + k];
+      row_hid[j] = w_hid[j * hidden + k];
     }
-    bias[j] = b_in[j] + b_hid[j];
   }
+  for (int64_t j = 0; j < G; ++j) bias[j] = b_in[j] + b_hid[j];
   for (int64_t n = 0; n < N; ++n) {
     float* out = gates + n * G;
-    std::copy(bias.begin(), bias.end(), out);
+    std::copy(bias, bias + G, out);
     for (int64_t k = 0; k < 2 * hidden; ++k) {
       const float weight_of_row = r[n * 2 * hidden + k];
       if (weight_of_row == 0.0f) continue;  // a ReLU zero: about half of them
       const Vec a(weight_of_row);
-      const float* row = transposed.data() + k * G;
+      const float* row = transposed + k * G;
       int64_t j = 0;
       for (; j + kLanes <= G; j += kLanes) at::vec::fmadd(a, Vec::loadu(row + j), Vec::loadu(out + j)).store(out + j);
       if (j < G) at::vec::fmadd(a, Vec::loadu(row + j, G - j), Vec::loadu(out + j, G - j)).store(out + j, G - j);
@@ -150,16 +166,24 @@ Vec sigmoid(const Vec& v) { return (Vec(1.0f) + v.neg().exp()).reciprocal(); }
 // g = tanh, c = f * c0 + i * g, h = o * sigmoid(c). Returns {h, c, r, s, g, squashed}: r = the bottleneck's
 // activations [relu(W0_in u + b0_in), relu(W0_hid h0 + b0_hid)], s = sigmoid(gates) (its g quarter is not
 // computed: zeros), g = tanh of the g quarter, squashed = sigmoid(c).
-std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w) {
+// The arena's room for it: cell_forward_numel.
+bool small_cell(int64_t N, int64_t C, int64_t hidden) { return N * 4 * C * 2 * hidden <= kSmallGemm; }
+
+int64_t cell_forward_numel(int64_t N, int64_t C, int64_t hidden) {
+  const int64_t outputs = N * 2 * hidden + N * 4 * C + 4 * N * C;  // r, s, g, c, squashed, h
+  return outputs + (small_cell(N, C, hidden) ? N * 4 * C + (2 * hidden + 1) * 4 * C : 0);  // gates, transposed
+}
+
+std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w,
+                                 Arena& arena) {
   const int64_t N = u.size(0), C = u.size(1), hidden = w.w0_in.size(0);
-  const auto options = u.options();
-  Tensor r = at::empty({N, 2 * hidden}, options), gates;
-  if (N * 4 * C * 2 * hidden <= kSmallGemm) {
+  Tensor r = arena.take({N, 2 * hidden}), gates;
+  if (small_cell(N, C, hidden)) {
     small_bottleneck(u.data_ptr<float>(), w.w0_in, w.b0_in, N, r.data_ptr<float>(), 2 * hidden);
     small_bottleneck(h0 ? h0->data_ptr<float>() : nullptr, w.w0_hid, w.b0_hid, N, r.data_ptr<float>() + hidden,
                      2 * hidden);
-    gates = at::empty({N, 4 * C}, options);
-    small_gates(r.data_ptr<float>(), w, N, gates.data_ptr<float>());
+    gates = arena.take({N, 4 * C});
+    small_gates(r.data_ptr<float>(), w, N, gates.data_ptr<float>(), arena.scratch((2 * hidden + 1) * 4 * C));
   } else {  // ATen's GEMM
     Tensor r_in = r.narrow(1, 0, hidden), r_hid = r.narrow(1, hidden, hidden);
     at::addmm_out(r_in, w.b0_in, u, w.w0_in.t());
@@ -171,8 +195,8 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
     r.relu_();
     gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
   }
-  Tensor s = at::empty({N, 4 * C}, options), g = at::empty({N, C}, options), c = at::empty({N, C}, options),
-         squashed = at::empty({N, C}, options), h = at::empty({N, C}, options);
+  Tensor s = arena.take({N, 4 * C}), g = arena.take({N, C}), c = arena.take({N, C}), squashed = arena.take({N, C}),
+         h = arena.take({N, C});
   const float* gp = gates.data_ptr<float>();
   const float* c0p = c0 ? c0->data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *g_out = g.data_ptr<float>(), *cp = c.data_ptr<float>(),
@@ -199,7 +223,7 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
   return {h, c, r, s, g, squashed};
 }
 
-// {y, h, c, u, mean, invstd, r, s, g, squashed}, or nothing where some channel's mean is farther than far_limit
+// {y, h, c}, and with for_backward {u, mean, invstd, r, s, g, squashed} after them, or nothing where some channel's mean is farther than far_limit
 // standard deviations from zero (x * scale + bias would cancel; the caller takes the shifted path), before any
 // state changes. y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where (h, c) is the LSTM
 // step from u = GAP(x) and the relayed (h0, c0). batch_stats: mean and sigma of the batch; running statistics, when
@@ -208,7 +232,7 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
 std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, double far_limit,
                             const OptTensor& running_mean, const OptTensor& running_var,
                             const OptTensor& num_batches_tracked, double momentum, const OptTensor& h0,
-                            const OptTensor& c0, const std::vector<Tensor>& parameters) {
+                            const OptTensor& c0, const std::vector<Tensor>& parameters, bool for_backward) {
   at::NoGradGuard no_grad;  // one autograd node (cpu_kernel._Layer) stands for all of this
   check_input(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
@@ -218,13 +242,15 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   Tensor y = at::empty_like(x);
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), maps = N * C;
   const auto options = x.options();
-  Tensor u = at::empty({N, C}, options), mean = at::empty({C}, options), invstd = at::empty({C}, options);
+  const int64_t hidden = w.w0_in.size(0);
+  Arena arena((batch_stats ? 3 : 2) * maps + 3 * C + N * C + cell_forward_numel(N, C, hidden), options);
+  float *scale = arena.scratch(maps), *bias = arena.scratch(maps);
+  Tensor u = arena.take({N, C}), mean = arena.take({C}), invstd = arena.take({C});
   float *up = u.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   bool far = false;
   if (batch_stats) {
-    std::vector<float> squares(maps);
-    map_sums<true>(x.data_ptr<float>(), maps, HW, up, squares.data());
-    std::vector<float> var(C);
+    float *squares = arena.scratch(maps), *var = arena.scratch(C);
+    map_sums<true>(x.data_ptr<float>(), maps, HW, up, squares);
     const double count = static_cast<double>(N * HW);
     for (int64_t c = 0; c < C; ++c) {
       double s = 0, q = 0;
@@ -246,7 +272,7 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
         if (momentum < 0) factor = 1.0 / num_batches_tracked->item<double>();
       }
       running_mean->lerp_(mean, factor);
-      running_var->lerp_(at::from_blob(var.data(), {C}, options), factor);
+      running_var->lerp_(at::from_blob(var, {C}, options), factor);
     }
   } else {
     TORCH_CHECK(running_mean && running_var, "statistics of a BatchNorm in eval need its running buffers");
@@ -262,17 +288,20 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
     if (far) return {};
     map_sums<false>(x.data_ptr<float>(), maps, HW, up, nullptr);
   }
-  for (int64_t p = 0; p < maps; ++p) up[p] /= static_cast<float>(HW);
+  const float inverse_hw = 1.0f / static_cast<float>(HW);
+  for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
   if (h0) check_input(*h0, "h0");
   if (c0) check_input(*c0, "c0");
-  auto step = cell_forward(u, h0, c0, w);
+  auto step = cell_forward(u, h0, c0, w, arena);
   const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
-  std::vector<float> scale(maps), bias(maps);
-  for (int64_t p = 0; p < maps; ++p) {
-    scale[p] = hp[p] * ip[p % C];
-    bias[p] = cp[p] - mp[p % C] * scale[p];
+  for (int64_t n = 0, p = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c, ++p) {
+      scale[p] = hp[p] * ip[c];
+      bias[p] = cp[p] - mp[c] * scale[p];
+    }
   }
-  affine(x.data_ptr<float>(), scale.data(), bias.data(), maps, HW, y.data_ptr<float>());
+  affine(x.data_ptr<float>(), scale, bias, maps, HW, y.data_ptr<float>());
+  if (!for_backward) return {y, step[0], step[1]};
   return {y, step[0], step[1], u, mean, invstd, step[2], step[3], step[4], step[5]};
 }
 
