@@ -105,13 +105,14 @@ class HyperNorm(nn.Module):
         if self.starts_stage:
             relay.reset()
         try:
-            self._check_input(x, relay)
-            return self._forward_path(x, relay)
+            parameters = relay.cell.gate_parameters()
+            self._check_input(x, parameters[0].dtype)
+            return self._forward_path(x, relay, parameters)
         finally:
             if self.ends_stage:
                 relay.reset()
 
-    def _check_input(self, x: torch.Tensor, relay: StageRelay) -> None:
+    def _check_input(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self.name}: expected a tensor, got {type(x).__name__}")
         if (x.dim() < 3 or x.shape[-1] != self.num_features) if self.channels_last else \
@@ -120,12 +121,11 @@ class HyperNorm(nn.Module):
             raise ValueError(f"{self.name}: expected input of shape {shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: expected a floating-point input, got {x.dtype}")
-        dtype = relay.cell.gate_parameters()[1].dtype  # a bias: a parametrized weight would be computed
         if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise ValueError(f"{self.name}: input dtype {x.dtype} does not match the layer's parameters ({dtype}); "
                              f"cast one to the other (e.g. model.to({dtype})) or run under torch.autocast")
 
-    def _forward_path(self, x: torch.Tensor, relay: StageRelay) -> torch.Tensor:
+    def _forward_path(self, x: torch.Tensor, relay: StageRelay, parameters: tuple[torch.Tensor, ...]) -> torch.Tensor:
         if x.numel() == 0:  # as torch's norms: an empty output, running statistics untouched
             return x.clone()
         if self.channels_last:  # the standardizer's own kernel (a LayerNorm), then the affine over the last dim
@@ -136,8 +136,7 @@ class HyperNorm(nn.Module):
             return self._forward_reference(x)
         norm = self.norm
         if cpu_kernel.applies(norm, x):
-            out = cpu_kernel.batchnorm_forward(norm, x, relay.state if self.relayed else None,
-                                               relay.cell.gate_parameters())
+            out = cpu_kernel.batchnorm_forward(norm, x, relay.state if self.relayed else None, parameters)
             if out is not None:
                 self._hand_on(out[1], out[2], relay)
                 return out[0]

@@ -91,11 +91,31 @@ class Arena {
     used_ += numel;
     return t;
   }
-  float* scratch(int64_t numel) { return take({numel}).data_ptr<float>(); }
 
  private:
   Tensor buffer_;
   int64_t used_ = 0;
+};
+
+// Room for one call's temporaries, kept per thread from call to call: no allocation, and none kept alive by the
+// tensors saved for backward.
+class Scratch {
+ public:
+  explicit Scratch(int64_t numel) {
+    thread_local std::vector<float> space;
+    if (static_cast<int64_t>(space.size()) < numel) space.resize(numel);
+    next_ = space.data();
+    end_ = next_ + numel;
+  }
+  float* take(int64_t numel) {
+    TORCH_CHECK(next_ + numel <= end_, "scratch overrun");
+    float* p = next_;
+    next_ += numel;
+    return p;
+  }
+
+ private:
+  float *next_, *end_;
 };
 
 // The two gate maps' parameters, as TrimmedLSTMCell.gate_parameters() gives them: input_map (W0, b0, W1, b1),
@@ -166,24 +186,27 @@ Vec sigmoid(const Vec& v) { return (Vec(1.0f) + v.neg().exp()).reciprocal(); }
 // g = tanh, c = f * c0 + i * g, h = o * sigmoid(c). Returns {h, c, r, s, g, squashed}: r = the bottleneck's
 // activations [relu(W0_in u + b0_in), relu(W0_hid h0 + b0_hid)], s = sigmoid(gates) (its g quarter is not
 // computed: zeros), g = tanh of the g quarter, squashed = sigmoid(c).
-// The arena's room for it: cell_forward_numel.
+// Its room in the arena (its outputs) and in scratch (its temporaries): cell_arena_numel, cell_scratch_numel.
 bool small_cell(int64_t N, int64_t C, int64_t hidden) { return N * 4 * C * 2 * hidden <= kSmallGemm; }
 
-int64_t cell_forward_numel(int64_t N, int64_t C, int64_t hidden) {
-  const int64_t outputs = N * 2 * hidden + N * 4 * C + 4 * N * C;  // r, s, g, c, squashed, h
-  return outputs + (small_cell(N, C, hidden) ? N * 4 * C + (2 * hidden + 1) * 4 * C : 0);  // gates, transposed
+int64_t cell_arena_numel(int64_t N, int64_t C, int64_t hidden) { return N * 2 * hidden + N * 4 * C + 4 * N * C; }
+
+int64_t cell_scratch_numel(int64_t N, int64_t C, int64_t hidden) {  // gates and [W1_in, W1_hid]^T with the bias
+  return small_cell(N, C, hidden) ? N * 4 * C + (2 * hidden + 1) * 4 * C : 0;
 }
 
 std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w,
-                                 Arena& arena) {
+                                 Arena& arena, Scratch& scratch) {
   const int64_t N = u.size(0), C = u.size(1), hidden = w.w0_in.size(0);
-  Tensor r = arena.take({N, 2 * hidden}), gates;
+  Tensor r = arena.take({N, 2 * hidden}), gates;  // gates: ATen's, where its GEMM computes them
+  const float* gp = nullptr;
   if (small_cell(N, C, hidden)) {
     small_bottleneck(u.data_ptr<float>(), w.w0_in, w.b0_in, N, r.data_ptr<float>(), 2 * hidden);
     small_bottleneck(h0 ? h0->data_ptr<float>() : nullptr, w.w0_hid, w.b0_hid, N, r.data_ptr<float>() + hidden,
                      2 * hidden);
-    gates = arena.take({N, 4 * C});
-    small_gates(r.data_ptr<float>(), w, N, gates.data_ptr<float>(), arena.scratch((2 * hidden + 1) * 4 * C));
+    float* gate_values = scratch.take(N * 4 * C);
+    small_gates(r.data_ptr<float>(), w, N, gate_values, scratch.take((2 * hidden + 1) * 4 * C));
+    gp = gate_values;
   } else {  // ATen's GEMM
     Tensor r_in = r.narrow(1, 0, hidden), r_hid = r.narrow(1, hidden, hidden);
     at::addmm_out(r_in, w.b0_in, u, w.w0_in.t());
@@ -194,10 +217,10 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
     }
     r.relu_();
     gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
+    gp = gates.data_ptr<float>();
   }
   Tensor s = arena.take({N, 4 * C}), g = arena.take({N, C}), c = arena.take({N, C}), squashed = arena.take({N, C}),
          h = arena.take({N, C});
-  const float* gp = gates.data_ptr<float>();
   const float* c0p = c0 ? c0->data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *g_out = g.data_ptr<float>(), *cp = c.data_ptr<float>(),
         *qp = squashed.data_ptr<float>(), *hp = h.data_ptr<float>();
@@ -243,13 +266,14 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), maps = N * C;
   const auto options = x.options();
   const int64_t hidden = w.w0_in.size(0);
-  Arena arena((batch_stats ? 3 : 2) * maps + 3 * C + N * C + cell_forward_numel(N, C, hidden), options);
-  float *scale = arena.scratch(maps), *bias = arena.scratch(maps);
+  Arena arena(N * C + 2 * C + cell_arena_numel(N, C, hidden), options);
+  Scratch scratch((batch_stats ? 3 : 2) * maps + C + cell_scratch_numel(N, C, hidden));
+  float *scale = scratch.take(maps), *bias = scratch.take(maps);
   Tensor u = arena.take({N, C}), mean = arena.take({C}), invstd = arena.take({C});
   float *up = u.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   bool far = false;
   if (batch_stats) {
-    float *squares = arena.scratch(maps), *var = arena.scratch(C);
+    float *squares = scratch.take(maps), *var = scratch.take(C);
     map_sums<true>(x.data_ptr<float>(), maps, HW, up, squares);
     const double count = static_cast<double>(N * HW);
     for (int64_t c = 0; c < C; ++c) {
@@ -292,7 +316,7 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
   if (h0) check_input(*h0, "h0");
   if (c0) check_input(*c0, "c0");
-  auto step = cell_forward(u, h0, c0, w, arena);
+  auto step = cell_forward(u, h0, c0, w, arena, scratch);
   const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
   for (int64_t n = 0, p = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c, ++p) {
