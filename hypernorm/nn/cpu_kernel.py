@@ -26,7 +26,7 @@ from torch import nn
 
 from .fused import FAR_MEAN_OVER_STD, autocast_enabled, check_batch_statistics, is_local_batchnorm
 
-__all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load"]
+__all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load", "output_weights"]
 
 SOURCE = Path(__file__).with_name("csrc") / "batchnorm_cpu.cpp"
 # False: the Python paths everywhere (the environment variable sets it for a process; tests switch it)
@@ -109,15 +109,25 @@ def applies(norm: nn.Module, x: torch.Tensor) -> bool:
     return not autocast_enabled("cpu") and (running_mean is None or running_mean.dtype == torch.float32)
 
 
+def output_weights(parameters: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The LSTM's output layers as :func:`batchnorm_forward` reads them (None without a kernel): build once per
+    stage and pass, since a stage's layers share the LSTM."""
+    kernel = load()
+    return None if kernel is None or parameters[0].dtype != torch.float32 else kernel.output_weights(parameters)
+
+
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
-                      state: tuple[torch.Tensor, torch.Tensor] | None,
-                      parameters: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """(y, h, c) of HyperNorm over ``norm`` with the LSTM's ``parameters`` (TrimmedLSTMCell.gate_parameters()), or
-    None, state untouched, where the Python paths must serve: no kernel, or a mean far from its spread. Moves the
-    running statistics as BatchNorm does."""
+                      state: tuple[torch.Tensor, torch.Tensor] | None, parameters: tuple[torch.Tensor, ...],
+                      out_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(y, h, c) of HyperNorm over ``norm`` with the LSTM's ``parameters`` (TrimmedLSTMCell.gate_parameters()) and
+    ``out_weights`` (:func:`output_weights` of them, built here when None), or None, state untouched, where the
+    Python paths must serve: no kernel, or a mean far from its spread. Moves the running statistics as BatchNorm
+    does."""
     kernel = load()
     if kernel is None or parameters[0].dtype != torch.float32:  # the kernel checks the other seven
         return None
+    if out_weights is None:
+        out_weights = kernel.output_weights(parameters)
     buffers = norm._buffers  # Module.__getattr__ costs a microsecond a name
     running_mean, running_var, tracked = buffers.get("running_mean"), buffers.get("running_var"), None
     batch_stats = norm.training or running_mean is None
@@ -133,7 +143,7 @@ def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
         or any(t is not None and t.requires_grad for t in (h0, c0, *parameters[1:])))
     out = kernel.forward(x, batch_stats, norm.eps, FAR_MEAN_OVER_STD, running_mean, running_var, tracked,
                          -1.0 if norm.momentum is None else norm.momentum, h0, c0, parameters,  # -1: cumulative
-                         differentiable)
+                         out_weights, differentiable)
     if not out:
         return None
     return _Layer.apply(x, h0, c0, out, batch_stats, *parameters) if differentiable else tuple(out)

@@ -30,6 +30,7 @@ class StageRelay(nn.Module):
         self.cell = TrimmedLSTMCell(channels, reduction)
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weights: FusedWeights | None = None  # the cell's fused GEMM weights, built once per pass
+        self.kernel_weights: torch.Tensor | None = None  # the CPU kernel's layout of them, built once per pass
 
     @property
     def channels(self) -> int:
@@ -39,7 +40,7 @@ class StageRelay(nn.Module):
     # would cost microseconds a write, so they go straight to the instance dict.
     def reset(self) -> None:
         """Forget the relayed state and this pass's fused weights."""
-        self.__dict__["state"] = self.__dict__["weights"] = None
+        self.__dict__["state"] = self.__dict__["weights"] = self.__dict__["kernel_weights"] = None
 
     def hand_on(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.__dict__["state"] = state
@@ -49,6 +50,12 @@ class StageRelay(nn.Module):
         if self.weights is None:
             self.__dict__["weights"] = self.cell.fused_weights()
         return self.weights
+
+    def pass_kernel_weights(self, parameters: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """:func:`cpu_kernel.output_weights` of the cell's ``parameters``, built by the first layer of the pass."""
+        if self.kernel_weights is None:
+            self.__dict__["kernel_weights"] = cpu_kernel.output_weights(parameters)
+        return self.kernel_weights
 
 
 class HyperNorm(nn.Module):
@@ -136,7 +143,8 @@ class HyperNorm(nn.Module):
             return self._forward_reference(x)
         norm = self.norm
         if cpu_kernel.applies(norm, x):
-            out = cpu_kernel.batchnorm_forward(norm, x, relay.state if self.relayed else None, parameters)
+            out = cpu_kernel.batchnorm_forward(norm, x, relay.state if self.relayed else None, parameters,
+                                               relay.pass_kernel_weights(parameters))
             if out is not None:
                 self._hand_on(out[1], out[2], relay)
                 return out[0]

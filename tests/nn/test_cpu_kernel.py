@@ -214,3 +214,23 @@ def test_a_parametrized_lstm_weight_reaches_the_kernel_and_gets_its_gradient(mon
     got = layer.relay.cell.input_map[0].parametrizations.weight.original1.grad
     expected = reference.relay.cell.input_map[0].parametrizations.weight.original1.grad
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_lstm_output_layers_are_laid_out_once_per_stage_and_pass(monkeypatch):
+    """A stage's layers share one LSTM: its output layers are transposed for the kernel by the stage's first layer
+    only, and a weight changed between passes is read afresh by the next pass."""
+    use_cpu_kernel(monkeypatch)
+    torch.manual_seed(0)
+    model = hypernorm.create_model("resnet20", "bhn", num_classes=10).eval()
+    built = []
+    layout = cpu_kernel.output_weights
+    monkeypatch.setattr(cpu_kernel, "output_weights", lambda parameters: built.append(1) or layout(parameters))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert len(built) == 3  # ResNet-20's three stages
+        stage = next(m for m in model.modules() if isinstance(m, HyperNorm))
+        stage.relay.cell.input_map[2].weight.add_(0.5)  # in place, as an optimizer step
+        reference = set_fused(copy.deepcopy(model), False)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert len(built) == 6

@@ -150,29 +150,40 @@ void small_bottleneck(const float* in, const Tensor& weight, const Tensor& bias,
   }
 }
 
-// gates (N, 4C) = b1_in + b1_hid + r[:, :hidden] W1_in^T + r[:, hidden:] W1_hid^T, as rows of axpys over 4C.
-// transposed: room for [W1_in, W1_hid]^T (2 hidden, 4C) and the summed bias (4C).
-void small_gates(const float* r, const GateParameters& w, int64_t N, float* gates, float* transposed) {
+// The gate maps' output layers in the layout the gates' GEMM reads, (2 hidden + 1, 4C): [W1_in, W1_hid]^T, then
+// b1_in + b1_hid. A stage's layers share one LSTM, so the caller builds this once per stage and pass.
+Tensor output_weights(const std::vector<Tensor>& parameters) {
+  at::NoGradGuard no_grad;
+  const GateParameters w(parameters);
   const int64_t G = w.w1_in.size(0), hidden = w.w1_in.size(1);
-  float* bias = transposed + 2 * hidden * G;
+  Tensor out = at::empty({2 * hidden + 1, G}, w.w1_in.options());
+  float* o = out.data_ptr<float>();
   const float *w_in = w.w1_in.data_ptr<float>(), *w_hid = w.w1_hid.data_ptr<float>();
   const float *b_in = w.b1_in.data_ptr<float>(), *b_hid = w.b1_hid.data_ptr<float>();
   for (int64_t k = 0; k < hidden; ++k) {  // rows of the transpose in turn: strided stores would thrash the cache
-    float *row_in = transposed + k * G, *row_hid = transposed + (hidden + k) * G;
+    float *row_in = o + k * G, *row_hid = o + (hidden + k) * G;
     for (int64_t j = 0; j < G; ++j) {
       row_in[j] = w_in[j * hidden + k];
       row_hid[j] = w_hid[j * hidden + k];
     }
   }
-  for (int64_t j = 0; j < G; ++j) bias[j] = b_in[j] + b_hid[j];
+  for (int64_t j = 0; j < G; ++j) o[2 * hidden * G + j] = b_in[j] + b_hid[j];
+  return out;
+}
+
+// gates (N, 4C) = b1_in + b1_hid + r[:, :hidden] W1_in^T + r[:, hidden:] W1_hid^T, as rows of axpys over 4C, from
+// output_weights()'s layout.
+void small_gates(const float* r, const Tensor& weights, int64_t N, float* gates) {
+  const int64_t G = weights.size(1), rows = weights.size(0) - 1;
+  const float *w = weights.data_ptr<float>(), *bias = w + rows * G;
   for (int64_t n = 0; n < N; ++n) {
     float* out = gates + n * G;
     std::copy(bias, bias + G, out);
-    for (int64_t k = 0; k < 2 * hidden; ++k) {
-      const float weight_of_row = r[n * 2 * hidden + k];
+    for (int64_t k = 0; k < rows; ++k) {
+      const float weight_of_row = r[n * rows + k];
       if (weight_of_row == 0.0f) continue;  // a ReLU zero: about half of them
       const Vec a(weight_of_row);
-      const float* row = transposed + k * G;
+      const float* row = w + k * G;
       int64_t j = 0;
       for (; j + kLanes <= G; j += kLanes) at::vec::fmadd(a, Vec::loadu(row + j), Vec::loadu(out + j)).store(out + j);
       if (j < G) at::vec::fmadd(a, Vec::loadu(row + j, G - j), Vec::loadu(out + j, G - j)).store(out + j, G - j);
@@ -191,12 +202,12 @@ bool small_cell(int64_t N, int64_t C, int64_t hidden) { return N * 4 * C * 2 * h
 
 int64_t cell_arena_numel(int64_t N, int64_t C, int64_t hidden) { return N * 2 * hidden + N * 4 * C + 4 * N * C; }
 
-int64_t cell_scratch_numel(int64_t N, int64_t C, int64_t hidden) {  // gates and [W1_in, W1_hid]^T with the bias
-  return small_cell(N, C, hidden) ? N * 4 * C + (2 * hidden + 1) * 4 * C : 0;
+int64_t cell_scratch_numel(int64_t N, int64_t C, int64_t hidden) {  // the gates
+  return small_cell(N, C, hidden) ? N * 4 * C : 0;
 }
 
 std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w,
-                                 Arena& arena, Scratch& scratch) {
+                                 const Tensor& out_weights, Arena& arena, Scratch& scratch) {
   const int64_t N = u.size(0), C = u.size(1), hidden = w.w0_in.size(0);
   Tensor r = arena.take({N, 2 * hidden}), gates;  // gates: ATen's, where its GEMM computes them
   const float* gp = nullptr;
@@ -205,7 +216,7 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
     small_bottleneck(h0 ? h0->data_ptr<float>() : nullptr, w.w0_hid, w.b0_hid, N, r.data_ptr<float>() + hidden,
                      2 * hidden);
     float* gate_values = scratch.take(N * 4 * C);
-    small_gates(r.data_ptr<float>(), w, N, gate_values, scratch.take((2 * hidden + 1) * 4 * C));
+    small_gates(r.data_ptr<float>(), out_weights, N, gate_values);
     gp = gate_values;
   } else {  // ATen's GEMM
     Tensor r_in = r.narrow(1, 0, hidden), r_hid = r.narrow(1, hidden, hidden);
@@ -216,7 +227,7 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
       r_hid.copy_(w.b0_hid.expand({N, hidden}));
     }
     r.relu_();
-    gates = at::addmm(w.b1_in + w.b1_hid, r, at::cat({w.w1_in, w.w1_hid}, 1).t());
+    gates = at::addmm(out_weights[2 * hidden], r, out_weights.narrow(0, 0, 2 * hidden));
     gp = gates.data_ptr<float>();
   }
   Tensor s = arena.take({N, 4 * C}), g = arena.take({N, C}), c = arena.take({N, C}), squashed = arena.take({N, C}),
@@ -246,16 +257,18 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
   return {h, c, r, s, g, squashed};
 }
 
-// {y, h, c}, and with for_backward {u, mean, invstd, r, s, g, squashed} after them, or nothing where some channel's mean is farther than far_limit
-// standard deviations from zero (x * scale + bias would cancel; the caller takes the shifted path), before any
-// state changes. y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma, where (h, c) is the LSTM
-// step from u = GAP(x) and the relayed (h0, c0). batch_stats: mean and sigma of the batch; running statistics, when
-// given, then move as BatchNorm's do (unbiased variance; momentum < 0: the cumulative average). Otherwise
-// (a BatchNorm in eval) they are running_mean and running_var's.
+// {y, h, c}, and with for_backward {u, mean, invstd, r, s, g, squashed} after them; or nothing where some channel's
+// mean is farther than far_limit standard deviations from zero (x * scale + bias would cancel; the caller takes the
+// shifted path), before any state changes. y = x * scale + bias with scale = h / sigma, bias = c - h * mean / sigma,
+// where (h, c) is the LSTM step from u = GAP(x) and the relayed (h0, c0); out_weights = output_weights(parameters).
+// batch_stats: mean and sigma of the batch; running statistics, when given, then move as BatchNorm's do (unbiased
+// variance; momentum < 0: the cumulative average). Otherwise (a BatchNorm in eval) they are running_mean and
+// running_var's.
 std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, double far_limit,
                             const OptTensor& running_mean, const OptTensor& running_var,
                             const OptTensor& num_batches_tracked, double momentum, const OptTensor& h0,
-                            const OptTensor& c0, const std::vector<Tensor>& parameters, bool for_backward) {
+                            const OptTensor& c0, const std::vector<Tensor>& parameters, const Tensor& out_weights,
+                            bool for_backward) {
   at::NoGradGuard no_grad;  // one autograd node (cpu_kernel._Layer) stands for all of this
   check_input(x, "x");
   TORCH_CHECK(x.dim() == 4, "x must be (N, C, H, W)");
@@ -316,7 +329,10 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
   if (h0) check_input(*h0, "h0");
   if (c0) check_input(*c0, "c0");
-  auto step = cell_forward(u, h0, c0, w, arena, scratch);
+  check_input(out_weights, "out_weights");
+  TORCH_CHECK(out_weights.dim() == 2 && out_weights.size(0) == 2 * hidden + 1 && out_weights.size(1) == 4 * C,
+              "out_weights must be output_weights(parameters)");
+  auto step = cell_forward(u, h0, c0, w, out_weights, arena, scratch);
   const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
   for (int64_t n = 0, p = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c, ++p) {
@@ -422,6 +438,7 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("output_weights", &output_weights, "The LSTM's output layers as the forward reads them");
   m.def("forward", &forward, "HyperNorm (BatchNorm) forward");
   m.def("backward", &backward, "HyperNorm (BatchNorm) backward");
 }
