@@ -31,6 +31,7 @@ class StageRelay(nn.Module):
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weights: FusedWeights | None = None  # the cell's fused GEMM weights, built once per pass
         self.kernel_weights: torch.Tensor | None = None  # the CPU kernel's layout of them, built once per pass
+        self.parameters_of_pass: tuple[torch.Tensor, ...] | None = None  # the cell's gate_parameters(), once per pass
 
     @property
     def channels(self) -> int:
@@ -39,8 +40,8 @@ class StageRelay(nn.Module):
     # Every layer of every pass writes these; Module.__setattr__ (which sorts parameters, buffers and submodules)
     # would cost microseconds a write, so they go straight to the instance dict.
     def reset(self) -> None:
-        """Forget the relayed state and this pass's fused weights."""
-        self.__dict__["state"] = self.__dict__["weights"] = self.__dict__["kernel_weights"] = None
+        """Forget the relayed state and what this pass read or built from the LSTM's parameters."""
+        self.__dict__.update(state=None, weights=None, kernel_weights=None, parameters_of_pass=None)
 
     def hand_on(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.__dict__["state"] = state
@@ -50,6 +51,12 @@ class StageRelay(nn.Module):
         if self.weights is None:
             self.__dict__["weights"] = self.cell.fused_weights()
         return self.weights
+
+    def pass_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The cell's :meth:`~TrimmedLSTMCell.gate_parameters`, read by the first layer of the pass."""
+        if self.parameters_of_pass is None:
+            self.__dict__["parameters_of_pass"] = self.cell.gate_parameters()
+        return self.parameters_of_pass
 
     def pass_kernel_weights(self, parameters: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """:func:`cpu_kernel.output_weights` of the cell's ``parameters``, built by the first layer of the pass."""
@@ -112,7 +119,7 @@ class HyperNorm(nn.Module):
         if self.starts_stage:
             relay.reset()
         try:
-            parameters = relay.cell.gate_parameters()
+            parameters = relay.pass_parameters()
             self._check_input(x, parameters[0].dtype)
             return self._forward_path(x, relay, parameters)
         finally:
