@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import platform
+import threading
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "batchnorm_cpu.cpp"
 # False: the Python paths everywhere (the environment variable sets it for a process; tests switch it)
 ENABLED = os.environ.get("HYPERNORM_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
 
+ANNOUNCE_AFTER_S = 2.0  # a build still running after this long is announced
 _kernel: ModuleType | None = None
 _failure: str | None = None
 
@@ -46,8 +48,10 @@ def load() -> ModuleType | None:
                 from torch.utils import cpp_extension
 
             capability, flags = _instruction_set()
-            _kernel = cpp_extension.load(name=f"hypernorm_batchnorm_cpu_{capability.lower()}", sources=[str(SOURCE)],
-                                         extra_cflags=["-O3", *flags], verbose=False)
+            with _announce_if_slow(f"hypernorm: compiling the C++ CPU kernel for {capability} (once per machine "
+                                   "and torch version, about a minute; HYPERNORM_CPU_KERNEL=0 skips it)"):
+                _kernel = cpp_extension.load(name=f"hypernorm_batchnorm_cpu_{capability.lower()}",
+                                             sources=[str(SOURCE)], extra_cflags=["-O3", *flags], verbose=False)
         except Exception as error:  # no compiler, no headers, a read-only cache: the Python paths serve
             _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             warnings.warn(f"hypernorm: the C++ CPU kernel could not be built ({_failure}); HyperNorm layers run "
@@ -72,6 +76,19 @@ def _instruction_set() -> tuple[str, list[str]]:
         return "default", []
     return capability, [*_CAPABILITY_FLAGS[capability], f"-DCPU_CAPABILITY={capability}",
                         f"-DCPU_CAPABILITY_{capability}"]
+
+
+@contextlib.contextmanager
+def _announce_if_slow(message: str):
+    """Log ``message`` (a warning: shown by default) if the block is still running after ANNOUNCE_AFTER_S seconds:
+    a cached build loads in well under a second, a fresh one pauses the first forward pass for about a minute."""
+    timer = threading.Timer(ANNOUNCE_AFTER_S, logging.getLogger(__name__).warning, args=(message,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @contextlib.contextmanager

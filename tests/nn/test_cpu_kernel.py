@@ -234,3 +234,22 @@ def test_the_lstm_output_layers_are_laid_out_once_per_stage_and_pass(monkeypatch
         reference = set_fused(copy.deepcopy(model), False)
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
     assert len(built) == 6
+
+
+def test_a_slow_build_is_announced_while_it_runs(monkeypatch, caplog):
+    """A fresh build pauses the first forward pass for about a minute: say so while it runs, not after."""
+    import time
+
+    from torch.utils import cpp_extension
+
+    def slow_build(*args, **kwargs):
+        time.sleep(0.5)
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", slow_build)
+    monkeypatch.setattr(cpu_kernel, "_kernel", None)
+    monkeypatch.setattr(cpu_kernel, "_failure", None)
+    monkeypatch.setattr(cpu_kernel, "ANNOUNCE_AFTER_S", 0.1)
+    with caplog.at_level("WARNING", logger="hypernorm.nn.cpu_kernel"):
+        assert cpu_kernel.load() == "built"
+    assert any("compiling the C++ CPU kernel" in record.getMessage() for record in caplog.records)
