@@ -2,12 +2,13 @@
 
 At small batch an eager HyperNorm layer costs its number of operator calls: the Python fused path makes about a
 hundred per layer and training step, each a microsecond or more of dispatch, and records three autograd nodes.
-The kernel makes the same full-size passes over x (the same ATen kernels) with the small (N, C) work in C++
-between them, as one call each way and one autograd node.
+The kernel's forward is one call of vectorized loops (ATen's ``Vectorized<float>``, compiled for the machine's CPU
+capability): one pass for the statistics, the LSTM step, one pass for the affine. Its backward is one call over
+ATen's kernels. The layer is one autograd node.
 
 It takes an eager, float32, contiguous NCHW input to a BatchNorm standardizer on the CPU; everything else (GPU,
 torch.compile, autocast, channels-last, other norms, a mean far from its spread) takes the paths of
-:mod:`hypernorm.nn.fused`. The kernel is compiled once per machine and torch version with the C++ compiler
+:mod:`hypernorm.nn.fused`. The kernel is compiled once per machine, torch version and CPU capability with the C++ compiler
 torch.compile also uses (torch.utils.cpp_extension caches it); without one the layer warns once and runs the
 Python paths, which give the same numbers; ``HYPERNORM_CPU_KERNEL=0`` in the environment skips the kernel.
 """
@@ -135,7 +136,8 @@ def output_weights(parameters: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                       state: tuple[torch.Tensor, torch.Tensor] | None, parameters: tuple[torch.Tensor, ...],
-                      out_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                      out_weights: torch.Tensor | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(y, h, c) of HyperNorm over ``norm`` with the LSTM's ``parameters`` (TrimmedLSTMCell.gate_parameters()) and
     ``out_weights`` (:func:`output_weights` of them, built here when None), or None, state untouched, where the
     Python paths must serve: no kernel, or a mean far from its spread. Moves the running statistics as BatchNorm

@@ -33,7 +33,9 @@ void check_input(const Tensor& t, const char* name) {
 
 Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
-float lane_sum(const Vec& v) { return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v); }
+float lane_sum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
+}
 
 // The sum (and, with squares, the sum of squares) of each of `maps` contiguous runs of `len` floats.
 template <bool squares>
@@ -79,8 +81,8 @@ void affine(const float* x, const float* scale, const float* bias, int64_t maps,
   });
 }
 
-// The forward's small tensors as views of one allocation. A dozen separate small mallocs a layer land around the
-// full-size buffers at the top of glibc's heap, and keep it from handing those back and forth without page faults.
+// The forward's small tensors carved from one allocation (they share its storage): one malloc a layer instead of a
+// dozen.
 class Arena {
  public:
   Arena(int64_t numel, const at::TensorOptions& options) : buffer_(at::empty({numel}, options)) {}
@@ -374,8 +376,8 @@ std::vector<Tensor> cell_backward(const Tensor& grad_h, Tensor grad_c, const Ten
           grad_w1.narrow(1, hidden, hidden).contiguous(), grad_b1};
 }
 
-// {dx, dh0, dc0, then the eight parameters' gradients} of forward(), with the batch's statistics (batch_stats) or constant
-// mean and invstd (a BatchNorm in eval). Two passes over x: sum(dy) and sum(dy * x) per feature map, then
+// {dx, dh0, dc0, then the eight parameters' gradients} of forward(), with the batch's statistics (batch_stats) or
+// constant mean and invstd (a BatchNorm in eval). Two passes over x: sum(dy) and sum(dy * x) per feature map, then
 // dx = dy * scale + x * a + b with a per channel (the variance's gradient) and b per map (the mean's and GAP's).
 std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next, const Tensor& grad_c_next,
                              const Tensor& x, const Tensor& u, const Tensor& mean, const Tensor& invstd,
