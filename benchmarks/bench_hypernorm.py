@@ -217,7 +217,10 @@ def device_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "env": {k: os.environ[k] for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                           "OMP_NUM_THREADS", "MALLOC_CONF", "HYPERNORM_CPU_KERNEL") if k in os.environ},
+                                           "OMP_NUM_THREADS", "MALLOC_CONF", "HYPERNORM_CPU_KERNEL",
+                                           "ATEN_CPU_CAPABILITY") if k in os.environ},
+        # the instruction set of torch's CPU kernels (and of the HyperNorm kernel's build): AVX512, AVX2, DEFAULT
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         # whether eager BHN layers on the CPU ran as the C++ kernel (hypernorm/nn/cpu_kernel.py) or in Python
         "cpu_kernel": device == "cpu" and cpu_kernel.available(),
     }
@@ -322,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
                             args.compile_mode)]
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
-          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}"
+          f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}, "
+          f"CPU capability {info['cpu_capability']}"
           + (f", HyperNorm CPU kernel {'on' if info['cpu_kernel'] else 'off'}" if args.device == "cpu" else ""), flush=True)
     results: list[Result] = []
     for setting in settings:
