@@ -253,3 +253,28 @@ def test_a_slow_build_is_announced_while_it_runs(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="hypernorm.nn.cpu_kernel"):
         assert cpu_kernel.load() == "built"
     assert any("compiling the C++ CPU kernel" in record.getMessage() for record in caplog.records)
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    """The kernel's forward passes split the feature maps over torch's threads (at::parallel_for); each map is
+    summed by one thread in one order, so 1 and 2 threads give the same bits (131,072 elements: four chunks). The
+    backward's GEMMs are BLAS's, whose blocking may follow the thread count: equal to float32 rounding."""
+    use_cpu_kernel(monkeypatch)
+    torch.manual_seed(0)
+    layer = HyperNorm(32, "bn")
+    x = torch.randn(16, 32, 16, 16, requires_grad=True)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            step = copy.deepcopy(layer)
+            inputs = x.detach().clone().requires_grad_()
+            out = step(inputs)
+            out.square().sum().backward()
+            results.append((out.detach(), inputs.grad, step.norm.running_var.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    (out_1, grad_1, var_1), (out_2, grad_2, var_2) = results
+    assert torch.equal(out_1, out_2) and torch.equal(var_1, var_2)
+    torch.testing.assert_close(grad_1, grad_2, rtol=1e-5, atol=1e-7)
