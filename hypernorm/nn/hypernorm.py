@@ -180,7 +180,7 @@ class HyperNorm(nn.Module):
     def _hand_on(self, h: torch.Tensor, c: torch.Tensor,
                  relay: StageRelay | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's (h, c): relayed to the next block, and counted while relay statistics are tracked."""
-        (relay or self.relay).hand_on((h, c))
+        (self.relay if relay is None else relay).hand_on((h, c))
         if self.relay_stats is not None:
             self.relay_stats.add(h, c)
         return h, c
