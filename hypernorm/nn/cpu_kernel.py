@@ -8,9 +8,9 @@ ATen's kernels. The layer is one autograd node.
 
 It takes an eager, float32, contiguous NCHW input to a BatchNorm standardizer on the CPU; everything else (GPU,
 torch.compile, autocast, channels-last, other norms, a mean far from its spread) takes the paths of
-:mod:`hypernorm.nn.fused`. The kernel is compiled once per machine, torch version and CPU capability with the C++ compiler
-torch.compile also uses (torch.utils.cpp_extension caches it); without one the layer warns once and runs the
-Python paths, which give the same numbers; ``HYPERNORM_CPU_KERNEL=0`` in the environment skips the kernel.
+:mod:`hypernorm.nn.fused`. The kernel is compiled once per machine, torch version and CPU capability with the C++
+compiler torch.compile also uses (torch.utils.cpp_extension caches it); without one the layer warns once and runs
+the Python paths, which give the same numbers; ``HYPERNORM_CPU_KERNEL=0`` in the environment skips the kernel.
 """
 from __future__ import annotations
 
@@ -136,17 +136,14 @@ def output_weights(parameters: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
 
 def batchnorm_forward(norm: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                       state: tuple[torch.Tensor, torch.Tensor] | None, parameters: tuple[torch.Tensor, ...],
-                      out_weights: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                      out_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """(y, h, c) of HyperNorm over ``norm`` with the LSTM's ``parameters`` (TrimmedLSTMCell.gate_parameters()) and
-    ``out_weights`` (:func:`output_weights` of them, built here when None), or None, state untouched, where the
-    Python paths must serve: no kernel, or a mean far from its spread. Moves the running statistics as BatchNorm
-    does."""
+    ``out_weights`` (:func:`output_weights` of them: None exactly where there is no kernel for them), or None, state
+    untouched, where the Python paths must serve: no kernel, or a mean far from its spread. Moves the running
+    statistics as BatchNorm does."""
     kernel = load()
-    if kernel is None or parameters[0].dtype != torch.float32:  # the kernel checks the other seven
+    if kernel is None or out_weights is None:  # no kernel, or not float32 parameters (the kernel checks all eight)
         return None
-    if out_weights is None:
-        out_weights = kernel.output_weights(parameters)
     buffers = norm._buffers  # Module.__getattr__ costs a microsecond a name
     running_mean, running_var, tracked = buffers.get("running_mean"), buffers.get("running_var"), None
     batch_stats = norm.training or running_mean is None

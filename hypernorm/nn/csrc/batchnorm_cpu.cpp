@@ -37,11 +37,15 @@ float lane_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
 }
 
+// at::parallel_for's grain over feature maps of `len` floats: ATen's own grain in elements.
+int64_t maps_per_task(int64_t len) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
+}
+
 // The sum (and, with squares, the sum of squares) of each of `maps` contiguous runs of `len` floats.
 template <bool squares>
 void map_sums(const float* x, int64_t maps, int64_t len, float* sums, float* sums_of_squares) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
-  at::parallel_for(0, maps, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, maps, maps_per_task(len), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* p = x + m * len;
       Vec s0(0), s1(0), q0(0), q1(0);  // two accumulators each: an add's latency, not its throughput, bounds one
@@ -68,8 +72,7 @@ void map_sums(const float* x, int64_t maps, int64_t len, float* sums, float* sum
 
 // y = x * scale + bias per map, scale and bias (N * C).
 void affine(const float* x, const float* scale, const float* bias, int64_t maps, int64_t len, float* y) {
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
-  at::parallel_for(0, maps, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, maps, maps_per_task(len), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const Vec a(scale[m]), b(bias[m]);
       const float* p = x + m * len;
@@ -286,6 +289,11 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), maps = N * C;
   const auto options = x.options();
   const int64_t hidden = w.w0_in.size(0);
+  if (h0) check_input(*h0, "h0");  // every check before the running statistics move
+  if (c0) check_input(*c0, "c0");
+  check_input(out_weights, "out_weights");
+  TORCH_CHECK(out_weights.dim() == 2 && out_weights.size(0) == 2 * hidden + 1 && out_weights.size(1) == 4 * C,
+              "out_weights must be output_weights(parameters)");
   Arena arena(N * C + 2 * C + cell_arena_numel(N, C, hidden), options);
   Scratch scratch((batch_stats ? 3 : 2) * maps + C + cell_scratch_numel(N, C, hidden));
   float *scale = scratch.take(maps), *bias = scratch.take(maps);
@@ -334,11 +342,6 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   }
   const float inverse_hw = 1.0f / static_cast<float>(HW);
   for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
-  if (h0) check_input(*h0, "h0");
-  if (c0) check_input(*c0, "c0");
-  check_input(out_weights, "out_weights");
-  TORCH_CHECK(out_weights.dim() == 2 && out_weights.size(0) == 2 * hidden + 1 && out_weights.size(1) == 4 * C,
-              "out_weights must be output_weights(parameters)");
   auto step = cell_forward(u, h0, c0, w, out_weights, arena, scratch);
   const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
   for (int64_t n = 0, p = 0; n < N; ++n) {
