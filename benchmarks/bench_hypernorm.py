@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import platform
 import statistics
@@ -175,23 +176,86 @@ class Runner:
         return float(sum(storages.values()) + 2 * param_bytes)  # + gradients and momentum
 
 
+class IsolatedRunner:
+    """A Runner in a process of its own, as a user's script holds one network: timed on request, so that
+    networks in separate processes still run in interleaved turns (one process works while the others wait).
+    In one process, two networks' allocations share glibc's heap, and which of them finds its memory
+    returned to the system and faults it in again each step depends on the other's history."""
+
+    def __init__(self, threads: int | None, clock: str, *runner_args) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.process = context.Process(target=_serve_runner, args=(child, threads, clock, runner_args), daemon=True)
+        self.process.start()
+        child.close()
+        self.memory = self._ask(("peak_memory",))
+
+    def _ask(self, request: tuple):
+        self.connection.send(request)
+        reply = self.connection.recv()
+        if isinstance(reply, BaseException):
+            raise RuntimeError("benchmark worker failed") from reply
+        return reply
+
+    def peak_memory(self) -> float | None:
+        return self.memory
+
+    def step(self) -> None:
+        self._ask(("time", 1))
+
+    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
+        return self._ask(("time", iters))  # the worker's own clock
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, EOFError):
+            self.connection.send(None)
+        self.process.join(timeout=30)
+
+
+def _serve_runner(connection, threads: int | None, clock: str, runner_args: tuple) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    timer = time.process_time if clock == "process" else time.perf_counter
+    try:
+        runner = Runner(*runner_args)
+        while (request := connection.recv()) is not None:
+            if request[0] == "peak_memory":
+                connection.send(runner.peak_memory())
+            else:
+                connection.send(runner.time(request[1], timer))
+    except Exception as error:  # the parent re-raises it
+        connection.send(error)
+
+
 def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, hyper: str, setting: Setting,
                  reps: int, iters: int, warmup: int, with_reference: bool,
-                 clock: Callable[[], float] = time.perf_counter) -> Result:
-    """Time base, hyper (and hyper on its reference path) in interleaved repetitions."""
+                 clock: Callable[[], float] = time.perf_counter, isolate: bool = False,
+                 threads: int | None = None) -> Result:
+    """Time base, hyper (and hyper on its reference path) in interleaved repetitions; ``isolate``: each network in
+    a worker process of its own (see IsolatedRunner)."""
     variants = [(base, False), (hyper, False)] + ([(hyper, True)] if with_reference else [])
-    runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm, reference in variants]
-    memory = [runner.peak_memory() for runner in runners]  # also the first warm-up iteration
-    for runner in runners:
-        for _ in range(warmup - 1):
-            runner.step()
-    times: list[list[float]] = [[] for _ in runners]
-    for rep in range(reps):
-        order = list(range(len(runners)))
-        if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
-            order.reverse()
-        for k in order:
-            times[k].append(runners[k].time(iters, clock))
+    if isolate:
+        clock_name = "process" if clock is time.process_time else "wall"
+        runners = [IsolatedRunner(threads, clock_name, model_name, norm, batch, size, mode, setting, reference)
+                   for norm, reference in variants]
+    else:
+        runners = [Runner(model_name, norm, batch, size, mode, setting, reference) for norm, reference in variants]
+    try:
+        memory = [runner.peak_memory() for runner in runners]  # also the first warm-up iteration
+        for runner in runners:
+            for _ in range(warmup - 1):
+                runner.step()
+        times: list[list[float]] = [[] for _ in runners]
+        for rep in range(reps):
+            order = list(range(len(runners)))
+            if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
+                order.reverse()
+            for k in order:
+                times[k].append(runners[k].time(iters, clock))
+    finally:
+        for runner in runners:
+            if isinstance(runner, IsolatedRunner):
+                runner.close()
     ratios = [[t / b for b, t in zip(times[0], times[k])] for k in range(len(runners))]
     mb = (lambda v: None if v is None else v / 2**20)
     mem_ratio = (lambda k: None if memory[0] is None or memory[k] is None else memory[k] / memory[0])
@@ -286,6 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=["wall", "process"], default="wall",
                         help="process: this process's CPU time (CPU only); with --threads 1 it leaves out the time "
                         "other jobs hold the cores, which steadies ratios on a shared machine")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each network in a worker process of its own, as in a user's script (turns still "
+                        "interleaved); without it the networks share one process and its heap")
     parser.add_argument("--json", help="write the results and the device description here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -326,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     info = device_info(args.device)
     print(f"# device: {info.get('gpu', info['processor'])} ({args.device}), torch {info['torch']}, "
           f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}, "
-          f"CPU capability {info['cpu_capability']}"
+          f"CPU capability {info['cpu_capability']}, "
+          f"{'each network in its own process' if args.isolate else 'networks in one process'}"
           + (f", HyperNorm CPU kernel {'on' if info['cpu_kernel'] else 'off'}" if args.device == "cpu" else ""), flush=True)
     results: list[Result] = []
     for setting in settings:
@@ -341,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
                         iters = args.iters or default_iters(model_name, batch, mode, args.device)
                         result = measure_pair(model_name, size, batch, mode, base, PAIRS[base], setting,
                                               args.reps, iters, args.warmup, args.with_reference,
-                                              time.process_time if args.clock == "process" else time.perf_counter)
+                                              time.process_time if args.clock == "process" else time.perf_counter,
+                                              args.isolate, args.threads)
                         results.append(result)
                         print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
                               f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"

@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.modes:
             for channels, size in SHAPES:
                 x = torch.randn(args.batch, channels, size, size, requires_grad=mode == "train")
+                # a dense upstream gradient, as a network's next layer gives: y.sum()'s is one expanded scalar,
+                # which sends BatchNorm's backward down a slow strided path
+                grad_y = torch.randn_like(x)
                 times: dict[str, list[float]] = {}
                 calls = {}
                 for name, (module, use_kernel) in variants(channels, mode).items():
-                    def call(module=module):
+                    def call(module=module, x=x, grad_y=grad_y):
                         if mode == "train":
-                            module(x).sum().backward()
+                            module(x).backward(grad_y)
                         else:
                             with torch.no_grad():
                                 module(x)

@@ -3,8 +3,9 @@
 At small batch an eager HyperNorm layer costs its number of operator calls: the Python fused path makes about a
 hundred per layer and training step, each a microsecond or more of dispatch, and records three autograd nodes.
 The kernel's forward is one call of vectorized loops (ATen's ``Vectorized<float>``, compiled for the machine's CPU
-capability): one pass for the statistics, the LSTM step, one pass for the affine. Its backward is one call over
-ATen's kernels. The layer is one autograd node.
+capability): one pass for the statistics, the LSTM step, one pass for the affine. Its backward is one call too:
+one pass for the per-map sums, the LSTM step's backward (ATen's operators), one pass for the input's gradient. The
+layer is one autograd node.
 
 It takes an eager, float32, contiguous NCHW input to a BatchNorm standardizer on the CPU; everything else (GPU,
 torch.compile, autocast, channels-last, other norms, a mean far from its spread) takes the paths of

@@ -5,8 +5,8 @@
 // (hypernorm/nn/fused.py) make about a hundred a training step per layer, each a microsecond or more of dispatch.
 // The forward here is loops over ATen's own vector type (at::vec::Vectorized, built for the machine's instruction
 // set: cpu_kernel.py compiles one build per torch CPU capability) with ATen's GEMM only where the LSTM is large;
-// the backward's full-size passes are ATen kernels. hypernorm/nn/cpu_kernel.py builds this file and wraps it as
-// one autograd node; fused.py documents the math.
+// so are the backward's two full-size passes (the LSTM step's backward is ATen's operators). cpu_kernel.py builds
+// this file and wraps it as one autograd node; fused.py documents the math.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -30,8 +30,6 @@ void check_input(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
-
-Tensor per_map(const Tensor& t, int64_t N, int64_t C) { return t.view({N, C, 1, 1}); }
 
 float lane_sum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, v);
@@ -80,6 +78,54 @@ void affine(const float* x, const float* scale, const float* bias, int64_t maps,
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) at::vec::fmadd(Vec::loadu(p + i), a, b).store(q + i);
       if (i < len) at::vec::fmadd(Vec::loadu(p + i, len - i), a, b).store(q + i, len - i);
+    }
+  });
+}
+
+// dot[m] = sum(dy * x) and sum[m] = sum(dy) over each of `maps` contiguous runs of `len` floats.
+void map_dots(const float* dy, const float* x, int64_t maps, int64_t len, float* dot, float* sum) {
+  at::parallel_for(0, maps, maps_per_task(len), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float *p = dy + m * len, *q = x + m * len;
+      Vec s0(0), s1(0), d0(0), d1(0);
+      int64_t i = 0;
+      for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
+        const Vec a = Vec::loadu(p + i), b = Vec::loadu(p + i + kLanes);
+        s0 = s0 + a;
+        s1 = s1 + b;
+        d0 = at::vec::fmadd(a, Vec::loadu(q + i), d0);
+        d1 = at::vec::fmadd(b, Vec::loadu(q + i + kLanes), d1);
+      }
+      for (; i < len; i += kLanes) {
+        const int64_t count = std::min(kLanes, len - i);
+        const Vec a = Vec::loadu(p + i, count);
+        s0 = s0 + a;
+        d0 = at::vec::fmadd(a, Vec::loadu(q + i, count), d0);
+      }
+      sum[m] = lane_sum(s0 + s1);
+      dot[m] = lane_sum(d0 + d1);
+    }
+  });
+}
+
+// dx = dy * scale + x * a + b per map: scale and b (N * C), a (C) per channel, or no x term where a is null.
+void input_gradient(const float* dy, const float* x, const float* scale, const float* a, const float* b, int64_t N,
+                    int64_t C, int64_t len, float* dx) {
+  if (a == nullptr) return affine(dy, scale, b, N * C, len, dx);
+  at::parallel_for(0, N * C, maps_per_task(len), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const Vec s(scale[m]), av(a[m % C]), bv(b[m]);
+      const float *p = dy + m * len, *q = x + m * len;
+      float* out = dx + m * len;
+      int64_t i = 0;
+      for (; i + kLanes <= len; i += kLanes) {
+        at::vec::fmadd(Vec::loadu(p + i), s, at::vec::fmadd(Vec::loadu(q + i), av, bv)).store(out + i);
+      }
+      if (i < len) {
+        const int64_t count = len - i;
+        at::vec::fmadd(Vec::loadu(p + i, count), s, at::vec::fmadd(Vec::loadu(q + i, count), av, bv))
+            .store(out + i, count);
+      }
     }
   });
 }
@@ -393,14 +439,10 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
   const Tensor grad_y = grad_y_in.contiguous();
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W, maps = N * C;
 
-  // Pass 1: sum(dy * x) and sum(dy) per map in one pass: BatchNorm's eval backward over N*C channels with mean 0
-  // and variance 1 (the gradients of the per-map scale and bias of y = x * scale + bias).
-  auto zeros = at::zeros({maps}, x.options()), ones = at::ones({maps}, x.options());
-  auto sums = at::native_batch_norm_backward(grad_y.view({1, maps, H, W}), x.view({1, maps, H, W}), c10::nullopt,
-                                             zeros, ones, c10::nullopt, c10::nullopt, false, 0.0,
-                                             {false, true, true});
-  const Tensor dot = std::get<1>(sums).contiguous(), sum = std::get<2>(sums).contiguous();
-  const float *dotp = dot.data_ptr<float>(), *sump = sum.data_ptr<float>();
+  // Pass 1: sum(dy * x) and sum(dy) per map (the gradients of the per-map scale and bias of y = x * scale + bias).
+  Scratch scratch(4 * maps + C);
+  float *dotp = scratch.take(maps), *sump = scratch.take(maps);
+  map_dots(grad_y.data_ptr<float>(), x.data_ptr<float>(), maps, HW, dotp, sump);
   const float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>(), *hp = h.data_ptr<float>();
 
   // dL/dh and dL/dc of the LSTM step (scale = h * invstd, bias = c - mean * scale), plus the next block's
@@ -425,8 +467,7 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
   // and, for batch statistics, the channel mean.
   const Tensor grad_u = grads[0].contiguous();
   const float* dup = grad_u.data_ptr<float>();
-  auto scale = at::empty({N, C}, x.options()), a = at::zeros({C}, x.options()), b = at::empty({N, C}, x.options());
-  float *sp = scale.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  float *sp = scratch.take(maps), *bp = scratch.take(maps), *ap = batch_stats ? scratch.take(C) : nullptr;
   std::vector<double> grad_mean_total(C, 0.0);
   if (batch_stats) {
     for (int64_t c = 0; c < C; ++c) {
@@ -439,9 +480,8 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
     sp[p] = hp[p] * ip[p % C];
     bp[p] = static_cast<float>((dup[p] + grad_mean_total[p % C] / N) / HW);
   }
-  at::mul_out(grad_x, grad_y, per_map(scale, N, C));
-  if (batch_stats) grad_x.addcmul_(x, a.view({1, C, 1, 1}));
-  grads[0] = grad_x.add_(per_map(b, N, C));
+  input_gradient(grad_y.data_ptr<float>(), x.data_ptr<float>(), sp, ap, bp, N, C, HW, grad_x.data_ptr<float>());
+  grads[0] = grad_x;
   return grads;
 }
 
