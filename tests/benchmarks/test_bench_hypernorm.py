@@ -1,0 +1,25 @@
+"""benchmarks/bench_hypernorm.py: networks timed in one process and each in a worker process of its own."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_hypernorm  # noqa: E402
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_pair_is_timed_in_interleaved_repetitions(isolate, monkeypatch):
+    monkeypatch.setenv("HYPERNORM_CPU_KERNEL", "0")  # the workers inherit it: no kernel build in a fresh cache
+    result = bench_hypernorm.measure_pair("resnet20", 32, 2, "train", "bn", "bhn", bench_hypernorm.Setting("cpu"),
+                                          reps=2, iters=1, warmup=1, with_reference=False, isolate=isolate,
+                                          threads=1)
+    assert len(result.ratios) == 2 and all(r > 0 for r in result.ratios)
+    assert result.base_ms > 0 and result.hyper_ms > 0
+    assert 1.0 < result.mem_ratio < 1.2  # BHN saves a little more for backward than BN; measured in the worker too
+
+
+def test_a_worker_that_fails_stops_the_measurement():
+    with pytest.raises(RuntimeError, match="benchmark worker failed"):
+        bench_hypernorm.IsolatedRunner(1, "process", "no-such-model", "bn", 2, 32, "train",
+                                       bench_hypernorm.Setting("cpu"), False)
