@@ -40,30 +40,32 @@ int64_t maps_per_task(int64_t len) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(len, 1));
 }
 
-// The sum (and, with squares, the sum of squares) of each of `maps` contiguous runs of `len` floats.
-template <bool squares>
-void map_sums(const float* x, int64_t maps, int64_t len, float* sums, float* sums_of_squares) {
+// sums[m] = sum(x) and, with dots, dots[m] = sum(x * w) over each of `maps` contiguous runs of `len` floats: the
+// forward's sums and sums of squares (w = x), the backward's sum(dy) and sum(dy * x).
+template <bool with_dots>
+void map_sums(const float* x, const float* w, int64_t maps, int64_t len, float* sums, float* dots) {
   at::parallel_for(0, maps, maps_per_task(len), [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const float* p = x + m * len;
-      Vec s0(0), s1(0), q0(0), q1(0);  // two accumulators each: an add's latency, not its throughput, bounds one
+      const float *p = x + m * len, *q = with_dots ? w + m * len : nullptr;
+      Vec s0(0), s1(0), d0(0), d1(0);  // two accumulators each: an add's latency, not its throughput, bounds one
       int64_t i = 0;
       for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
         const Vec a = Vec::loadu(p + i), b = Vec::loadu(p + i + kLanes);
         s0 = s0 + a;
         s1 = s1 + b;
-        if (squares) {
-          q0 = at::vec::fmadd(a, a, q0);
-          q1 = at::vec::fmadd(b, b, q1);
+        if (with_dots) {
+          d0 = at::vec::fmadd(a, Vec::loadu(q + i), d0);
+          d1 = at::vec::fmadd(b, Vec::loadu(q + i + kLanes), d1);
         }
       }
       for (; i < len; i += kLanes) {  // loadu with a count fills the lanes past it with zeros
-        const Vec a = Vec::loadu(p + i, std::min(kLanes, len - i));
+        const int64_t count = std::min(kLanes, len - i);
+        const Vec a = Vec::loadu(p + i, count);
         s0 = s0 + a;
-        if (squares) q0 = at::vec::fmadd(a, a, q0);
+        if (with_dots) d0 = at::vec::fmadd(a, Vec::loadu(q + i, count), d0);
       }
       sums[m] = lane_sum(s0 + s1);
-      if (squares) sums_of_squares[m] = lane_sum(q0 + q1);
+      if (with_dots) dots[m] = lane_sum(d0 + d1);
     }
   });
 }
@@ -78,32 +80,6 @@ void affine(const float* x, const float* scale, const float* bias, int64_t maps,
       int64_t i = 0;
       for (; i + kLanes <= len; i += kLanes) at::vec::fmadd(Vec::loadu(p + i), a, b).store(q + i);
       if (i < len) at::vec::fmadd(Vec::loadu(p + i, len - i), a, b).store(q + i, len - i);
-    }
-  });
-}
-
-// dot[m] = sum(dy * x) and sum[m] = sum(dy) over each of `maps` contiguous runs of `len` floats.
-void map_dots(const float* dy, const float* x, int64_t maps, int64_t len, float* dot, float* sum) {
-  at::parallel_for(0, maps, maps_per_task(len), [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float *p = dy + m * len, *q = x + m * len;
-      Vec s0(0), s1(0), d0(0), d1(0);
-      int64_t i = 0;
-      for (; i + 2 * kLanes <= len; i += 2 * kLanes) {
-        const Vec a = Vec::loadu(p + i), b = Vec::loadu(p + i + kLanes);
-        s0 = s0 + a;
-        s1 = s1 + b;
-        d0 = at::vec::fmadd(a, Vec::loadu(q + i), d0);
-        d1 = at::vec::fmadd(b, Vec::loadu(q + i + kLanes), d1);
-      }
-      for (; i < len; i += kLanes) {
-        const int64_t count = std::min(kLanes, len - i);
-        const Vec a = Vec::loadu(p + i, count);
-        s0 = s0 + a;
-        d0 = at::vec::fmadd(a, Vec::loadu(q + i, count), d0);
-      }
-      sum[m] = lane_sum(s0 + s1);
-      dot[m] = lane_sum(d0 + d1);
     }
   });
 }
@@ -348,7 +324,7 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   bool far = false;
   if (batch_stats) {
     float *squares = scratch.take(maps), *var = scratch.take(C);
-    map_sums<true>(x.data_ptr<float>(), maps, HW, up, squares);
+    map_sums<true>(x.data_ptr<float>(), x.data_ptr<float>(), maps, HW, up, squares);
     const double count = static_cast<double>(N * HW);
     for (int64_t c = 0; c < C; ++c) {
       double s = 0, q = 0;
@@ -384,7 +360,7 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
       far = far || std::abs(rm[c] * i) > far_limit;
     }
     if (far) return {};
-    map_sums<false>(x.data_ptr<float>(), maps, HW, up, nullptr);
+    map_sums<false>(x.data_ptr<float>(), nullptr, maps, HW, up, nullptr);
   }
   const float inverse_hw = 1.0f / static_cast<float>(HW);
   for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
@@ -442,7 +418,7 @@ std::vector<Tensor> backward(const Tensor& grad_y_in, const Tensor& grad_h_next,
   // Pass 1: sum(dy * x) and sum(dy) per map (the gradients of the per-map scale and bias of y = x * scale + bias).
   Scratch scratch(4 * maps + C);
   float *dotp = scratch.take(maps), *sump = scratch.take(maps);
-  map_dots(grad_y.data_ptr<float>(), x.data_ptr<float>(), maps, HW, dotp, sump);
+  map_sums<true>(grad_y.data_ptr<float>(), x.data_ptr<float>(), maps, HW, sump, dotp);
   const float *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>(), *hp = h.data_ptr<float>();
 
   // dL/dh and dL/dc of the LSTM step (scale = h * invstd, bias = c - mean * scale), plus the next block's
