@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -88,6 +90,8 @@ class Result:
     reference_ms: float | None = None
     reference_ratio: float | None = None
     reference_mem_ratio: float | None = None
+    # --processes: the median ratio of each fresh process (``ratio`` is their median, ``ratios`` all repetitions)
+    process_ratios: list[float] | None = None
 
 
 class Runner:
@@ -270,6 +274,29 @@ def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, h
     return result
 
 
+def measure_in_processes(processes: int, threads: int | None, *pair_args, **pair_kwargs) -> Result:
+    """:func:`measure_pair` repeated in ``processes`` fresh processes, one after another. One process's ratio is one
+    draw of glibc's heap: which network finds its memory handed back to the system and faults it in again each
+    step depends on the process's history of allocations, and moves a batch-128 ratio by several percent."""
+    runs = []
+    for _ in range(processes):
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs.append(pool.submit(_measure_pair_in_process, threads, pair_args, pair_kwargs).result())
+    medians = (lambda name: statistics.median(getattr(run, name) for run in runs))
+    combined = dataclasses.replace(runs[0], base_ms=medians("base_ms"), hyper_ms=medians("hyper_ms"),
+                                   ratio=medians("ratio"), ratios=[r for run in runs for r in run.ratios],
+                                   process_ratios=[round(run.ratio, 4) for run in runs])
+    if combined.reference_ratio is not None:
+        combined.reference_ms, combined.reference_ratio = medians("reference_ms"), medians("reference_ratio")
+    return combined
+
+
+def _measure_pair_in_process(threads: int | None, pair_args: tuple, pair_kwargs: dict) -> Result:
+    if threads:
+        torch.set_num_threads(threads)
+    return measure_pair(*pair_args, **pair_kwargs)
+
+
 def device_info(device: str) -> dict:
     info = {
         "device": device,
@@ -353,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--isolate", action="store_true",
                         help="each network in a worker process of its own, as in a user's script (turns still "
                         "interleaved); without it the networks share one process and its heap")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="repeat each measurement in this many fresh processes and report the median of their "
+                        "ratios (one process's ratio is one draw of the allocator's heap; see docs/performance.md)")
     parser.add_argument("--json", help="write the results and the device description here")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -363,8 +393,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--cuda-graphs needs --device cuda")
     if args.clock == "process" and args.device != "cpu":
         parser.error("--clock process measures CPU time; on CUDA use the default wall clock")
-    if args.reps < 1 or args.iters < 0 or args.warmup < 1:
-        parser.error("--reps and --warmup must be >= 1 and --iters >= 0")
+    if args.reps < 1 or args.iters < 0 or args.warmup < 1 or args.processes < 1:
+        parser.error("--reps, --warmup and --processes must be >= 1 and --iters >= 0")
     return args
 
 
@@ -395,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{info['torch_threads']} threads, {args.clock} clock, env {info['env'] or '{}'}, "
           f"CPU capability {info['cpu_capability']}, "
           f"{'each network in its own process' if args.isolate else 'networks in one process'}"
+          + (f", each measurement in {args.processes} fresh processes" if args.processes > 1 else "")
           + (f", HyperNorm CPU kernel {'on' if info['cpu_kernel'] else 'off'}" if args.device == "cpu" else ""), flush=True)
     results: list[Result] = []
     for setting in settings:
@@ -407,14 +438,17 @@ def main(argv: list[str] | None = None) -> int:
                                 and batch > 8):
                             continue
                         iters = args.iters or default_iters(model_name, batch, mode, args.device)
-                        result = measure_pair(model_name, size, batch, mode, base, PAIRS[base], setting,
-                                              args.reps, iters, args.warmup, args.with_reference,
-                                              time.process_time if args.clock == "process" else time.perf_counter,
-                                              args.isolate, args.threads)
+                        pair_args = (model_name, size, batch, mode, base, PAIRS[base], setting, args.reps, iters,
+                                     args.warmup, args.with_reference,
+                                     time.process_time if args.clock == "process" else time.perf_counter,
+                                     args.isolate, args.threads)
+                        result = (measure_in_processes(args.processes, args.threads, *pair_args)
+                                  if args.processes > 1 else measure_pair(*pair_args))
                         results.append(result)
                         print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
                               f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"
-                              f" (reps {result.ratios}), mem ratio {result.mem_ratio}"
+                              + (f" (processes {result.process_ratios})" if result.process_ratios else
+                                 f" (reps {result.ratios})") + f", mem ratio {result.mem_ratio}"
                               + (f"; reference path {result.reference_ms:.1f} ms, ratio {result.reference_ratio:.3f},"
                                  f" mem ratio {result.reference_mem_ratio}" if args.with_reference else ""), flush=True)
     print()

@@ -23,3 +23,13 @@ def test_a_worker_that_fails_stops_the_measurement():
     with pytest.raises(RuntimeError, match="benchmark worker failed"):
         bench_hypernorm.IsolatedRunner(1, "process", "no-such-model", "bn", 2, 32, "train",
                                        bench_hypernorm.Setting("cpu"), False)
+
+
+def test_a_pair_is_measured_again_in_fresh_processes(monkeypatch):
+    monkeypatch.setenv("HYPERNORM_CPU_KERNEL", "0")
+    result = bench_hypernorm.measure_in_processes(2, 1, "resnet20", 32, 2, "infer", "bn", "bhn",
+                                                  bench_hypernorm.Setting("cpu"), reps=3, iters=1, warmup=1,
+                                                  with_reference=False)
+    assert len(result.process_ratios) == 2 and len(result.ratios) == 6
+    assert result.ratio == pytest.approx(sum(result.process_ratios) / 2, rel=1e-3)  # the median of two
+    assert result.base_ms > 0 and result.hyper_ms > 0
