@@ -107,10 +107,13 @@ void input_gradient(const float* dy, const float* x, const float* scale, const f
 }
 
 // The forward's small tensors carved from one allocation (they share its storage): one malloc a layer instead of a
-// dozen.
+// dozen. Or carved from a Scratch's memory, for tensors that do not outlive the call.
 class Arena {
  public:
+  Arena() = default;
   Arena(int64_t numel, const at::TensorOptions& options) : buffer_(at::empty({numel}, options)) {}
+  Arena(float* memory, int64_t numel, const at::TensorOptions& options)
+      : buffer_(at::from_blob(memory, {numel}, options)) {}
   // A tensor on a fresh stretch of the buffer's storage, made directly: narrow and view would cost a microsecond
   // each in dispatch and autograd's view tracking, for disjoint stretches that nothing differentiates.
   Tensor take(at::IntArrayRef shape) {
@@ -229,27 +232,24 @@ Vec sigmoid(const Vec& v) { return (Vec(1.0f) + v.neg().exp()).reciprocal(); }
 // g = tanh, c = f * c0 + i * g, h = o * sigmoid(c). Returns {h, c, r, s, g, squashed}: r = the bottleneck's
 // activations [relu(W0_in u + b0_in), relu(W0_hid h0 + b0_hid)], s = sigmoid(gates) (its g quarter is not
 // computed: zeros), g = tanh of the g quarter, squashed = sigmoid(c).
-// Its room in the arena (its outputs) and in scratch (its temporaries): cell_arena_numel, cell_scratch_numel.
+// h and c come from `results`, what the backward needs (r, s, g, squashed: cell_saved_numel) from `saved`, the gates
+// from `scratch` (cell_scratch_numel).
 bool small_cell(int64_t N, int64_t C, int64_t hidden) { return N * 4 * C * 2 * hidden <= kSmallGemm; }
 
-int64_t cell_arena_numel(int64_t N, int64_t C, int64_t hidden) { return N * 2 * hidden + N * 4 * C + 4 * N * C; }
+int64_t cell_saved_numel(int64_t N, int64_t C, int64_t hidden) { return N * 2 * hidden + N * 4 * C + 2 * N * C; }
 
-int64_t cell_scratch_numel(int64_t N, int64_t C, int64_t hidden) {  // the gates
-  return small_cell(N, C, hidden) ? N * 4 * C : 0;
-}
+int64_t cell_scratch_numel(int64_t N, int64_t C) { return N * 4 * C; }
 
 std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const OptTensor& c0, const GateParameters& w,
-                                 const Tensor& out_weights, Arena& arena, Scratch& scratch) {
+                                 const Tensor& out_weights, Arena& results, Arena& saved, Scratch& scratch) {
   const int64_t N = u.size(0), C = u.size(1), hidden = w.w0_in.size(0);
-  Tensor r = arena.take({N, 2 * hidden}), gates;  // gates: ATen's, where its GEMM computes them
-  const float* gp = nullptr;
+  Tensor r = saved.take({N, 2 * hidden});
+  float* gp = scratch.take(N * 4 * C);
   if (small_cell(N, C, hidden)) {
     small_bottleneck(u.data_ptr<float>(), w.w0_in, w.b0_in, N, r.data_ptr<float>(), 2 * hidden);
     small_bottleneck(h0 ? h0->data_ptr<float>() : nullptr, w.w0_hid, w.b0_hid, N, r.data_ptr<float>() + hidden,
                      2 * hidden);
-    float* gate_values = scratch.take(N * 4 * C);
-    small_gates(r.data_ptr<float>(), out_weights, N, gate_values);
-    gp = gate_values;
+    small_gates(r.data_ptr<float>(), out_weights, N, gp);
   } else {  // ATen's GEMM
     Tensor r_in = r.narrow(1, 0, hidden), r_hid = r.narrow(1, hidden, hidden);
     at::addmm_out(r_in, w.b0_in, u, w.w0_in.t());
@@ -259,11 +259,11 @@ std::vector<Tensor> cell_forward(const Tensor& u, const OptTensor& h0, const Opt
       r_hid.copy_(w.b0_hid.expand({N, hidden}));
     }
     r.relu_();
-    gates = at::addmm(out_weights[2 * hidden], r, out_weights.narrow(0, 0, 2 * hidden));
-    gp = gates.data_ptr<float>();
+    Tensor gates = at::from_blob(gp, {N, 4 * C}, u.options());
+    at::addmm_out(gates, out_weights[2 * hidden], r, out_weights.narrow(0, 0, 2 * hidden));
   }
-  Tensor s = arena.take({N, 4 * C}), g = arena.take({N, C}), c = arena.take({N, C}), squashed = arena.take({N, C}),
-         h = arena.take({N, C});
+  Tensor s = saved.take({N, 4 * C}), g = saved.take({N, C}), squashed = saved.take({N, C}), c = results.take({N, C}),
+         h = results.take({N, C});
   const float* c0p = c0 ? c0->data_ptr<float>() : nullptr;
   float *sp = s.data_ptr<float>(), *g_out = g.data_ptr<float>(), *cp = c.data_ptr<float>(),
         *qp = squashed.data_ptr<float>(), *hp = h.data_ptr<float>();
@@ -316,10 +316,15 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   check_input(out_weights, "out_weights");
   TORCH_CHECK(out_weights.dim() == 2 && out_weights.size(0) == 2 * hidden + 1 && out_weights.size(1) == 4 * C,
               "out_weights must be output_weights(parameters)");
-  Arena arena(N * C + 2 * C + cell_arena_numel(N, C, hidden), options);
-  Scratch scratch((batch_stats ? 3 : 2) * maps + C + cell_scratch_numel(N, C, hidden));
+  // What the call returns lives in `results`: (h, c), and for the backward what it needs. Otherwise (eval) those
+  // are temporaries in the per-thread scratch, and the layer allocates what BN does (y) and the small (h, c).
+  const int64_t saved_numel = N * C + 2 * C + cell_saved_numel(N, C, hidden), kept = for_backward ? saved_numel : 0;
+  Arena results(2 * N * C + kept, options);
+  Scratch scratch((batch_stats ? 3 : 2) * maps + C + cell_scratch_numel(N, C) + saved_numel - kept);
+  Arena in_scratch = for_backward ? Arena() : Arena(scratch.take(saved_numel), saved_numel, options);
+  Arena& saved = for_backward ? results : in_scratch;
   float *scale = scratch.take(maps), *bias = scratch.take(maps);
-  Tensor u = arena.take({N, C}), mean = arena.take({C}), invstd = arena.take({C});
+  Tensor u = saved.take({N, C}), mean = saved.take({C}), invstd = saved.take({C});
   float *up = u.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = invstd.data_ptr<float>();
   bool far = false;
   if (batch_stats) {
@@ -364,7 +369,7 @@ std::vector<Tensor> forward(const Tensor& x, bool batch_stats, double eps, doubl
   }
   const float inverse_hw = 1.0f / static_cast<float>(HW);
   for (int64_t p = 0; p < maps; ++p) up[p] *= inverse_hw;
-  auto step = cell_forward(u, h0, c0, w, out_weights, arena, scratch);
+  auto step = cell_forward(u, h0, c0, w, out_weights, results, saved, scratch);
   const float *hp = step[0].data_ptr<float>(), *cp = step[1].data_ptr<float>();
   for (int64_t n = 0, p = 0; n < N; ++n) {
     for (int64_t c = 0; c < C; ++c, ++p) {
