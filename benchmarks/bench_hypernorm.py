@@ -9,6 +9,10 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU, where PyTorch 
 the bytes a training step holds at its peak: parameters, gradients and momentum plus every tensor saved for
 backward (storages counted once).
 
+Page faults (CPU): the minor page faults of each network per iteration, medians beside the time ratio. With nothing
+set, glibc's heap hands freed memory back to the system and a step faults it in again; how much each network of one
+process faults is a draw of the heap's history (docs/performance.md), and these counts show which draw a ratio got.
+
     PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --quick
     PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --json runs/bench.json
     PYTHONPATH=$PWD python benchmarks/bench_hypernorm.py --device cuda --compile --channels-last --amp
@@ -27,6 +31,11 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Callable
+
+try:
+    import resource
+except ImportError:  # Windows: no page-fault counts
+    resource = None
 
 import torch
 import torchvision
@@ -92,6 +101,9 @@ class Result:
     reference_mem_ratio: float | None = None
     # --processes: the median ratio of each fresh process (``ratio`` is their median, ``ratios`` all repetitions)
     process_ratios: list[float] | None = None
+    # CPU: median minor page faults per iteration (None on CUDA and where the OS does not count them)
+    base_faults: float | None = None
+    hyper_faults: float | None = None
 
 
 class Runner:
@@ -143,14 +155,19 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
-        """Seconds per iteration over ``iters`` iterations."""
+    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float | None]:
+        """Seconds and (CPU) minor page faults per iteration over ``iters`` iterations."""
+        count_faults = self.device.type == "cpu" and resource is not None
         self.sync()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt if count_faults else 0
         start = clock()
         for _ in range(iters):
             self.step()
         self.sync()
-        return (clock() - start) / iters
+        seconds = (clock() - start) / iters
+        if not count_faults:
+            return seconds, None
+        return seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / iters
 
     def peak_memory(self) -> float | None:
         """Peak bytes of one iteration (see the module docstring for what CPU counts)."""
@@ -207,8 +224,8 @@ class IsolatedRunner:
     def step(self) -> None:
         self._ask(("time", 1))
 
-    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> float:
-        return self._ask(("time", iters))  # the worker's own clock
+    def time(self, iters: int, clock: Callable[[], float] = time.perf_counter) -> tuple[float, float | None]:
+        return self._ask(("time", iters))  # the worker's own clock and page faults
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError):
@@ -250,12 +267,15 @@ def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, h
             for _ in range(warmup - 1):
                 runner.step()
         times: list[list[float]] = [[] for _ in runners]
+        faults: list[list[float | None]] = [[] for _ in runners]
         for rep in range(reps):
             order = list(range(len(runners)))
             if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
                 order.reverse()
             for k in order:
-                times[k].append(runners[k].time(iters, clock))
+                seconds, step_faults = runners[k].time(iters, clock)
+                times[k].append(seconds)
+                faults[k].append(step_faults)
     finally:
         for runner in runners:
             if isinstance(runner, IsolatedRunner):
@@ -267,6 +287,8 @@ def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, h
                     1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1]),
                     statistics.median(ratios[1]), [round(r, 4) for r in ratios[1]], mb(memory[0]), mb(memory[1]),
                     mem_ratio(1))
+    if faults[0][0] is not None:
+        result.base_faults, result.hyper_faults = statistics.median(faults[0]), statistics.median(faults[1])
     if with_reference:
         result.reference_ms = 1e3 * statistics.median(times[2])
         result.reference_ratio = statistics.median(ratios[2])
@@ -288,6 +310,8 @@ def measure_in_processes(processes: int, threads: int | None, *pair_args, **pair
                                    process_ratios=[round(run.ratio, 4) for run in runs])
     if combined.reference_ratio is not None:
         combined.reference_ms, combined.reference_ratio = medians("reference_ms"), medians("reference_ratio")
+    if combined.base_faults is not None:
+        combined.base_faults, combined.hyper_faults = medians("base_faults"), medians("hyper_faults")
     return combined
 
 
@@ -333,17 +357,24 @@ def _cpu_name() -> str:
 def format_table(results: list[Result]) -> str:
     with_reference = any(r.reference_ratio is not None for r in results)
     header = ("model", "size", "batch", "mode", "setting", "pair", "base ms", "hyper ms", "time ratio",
-              "mem ratio") + (("before: time ratio", "before: mem ratio") if with_reference else ())
+              "faults/iter base, hyper", "mem ratio") \
+        + (("before: time ratio", "before: mem ratio") if with_reference else ())
     fmt = (lambda v: "-" if v is None else f"{v:.3f}")
     rows = [header]
     for r in results:
         rows.append((r.model, str(r.input_size), str(r.batch), r.mode, r.setting, f"{r.hyper}/{r.base}",
-                     f"{r.base_ms:.1f}", f"{r.hyper_ms:.1f}", fmt(r.ratio), fmt(r.mem_ratio))
+                     f"{r.base_ms:.1f}", f"{r.hyper_ms:.1f}", fmt(r.ratio), format_faults(r), fmt(r.mem_ratio))
                     + ((fmt(r.reference_ratio), fmt(r.reference_mem_ratio)) if with_reference else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def format_faults(result: Result) -> str:
+    if result.base_faults is None:
+        return "-"
+    return f"{result.base_faults:.0f}, {result.hyper_faults:.0f}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -448,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"{model_name} {size} b{batch} {mode} {setting.label()} {result.hyper}/{result.base}:"
                               f" {result.base_ms:.1f} ms vs {result.hyper_ms:.1f} ms, ratio {result.ratio:.3f}"
                               + (f" (processes {result.process_ratios})" if result.process_ratios else
-                                 f" (reps {result.ratios})") + f", mem ratio {result.mem_ratio}"
+                                 f" (reps {result.ratios})") + f", faults/iter {format_faults(result)}"
+                              + f", mem ratio {result.mem_ratio}"
                               + (f"; reference path {result.reference_ms:.1f} ms, ratio {result.reference_ratio:.3f},"
                                  f" mem ratio {result.reference_mem_ratio}" if args.with_reference else ""), flush=True)
     print()

@@ -1,4 +1,5 @@
 """benchmarks/bench_hypernorm.py: networks timed in one process and each in a worker process of its own."""
+import mmap
 import sys
 from pathlib import Path
 
@@ -17,6 +18,26 @@ def test_a_pair_is_timed_in_interleaved_repetitions(isolate, monkeypatch):
     assert len(result.ratios) == 2 and all(r > 0 for r in result.ratios)
     assert result.base_ms > 0 and result.hyper_ms > 0
     assert 1.0 < result.mem_ratio < 1.2  # BHN saves a little more for backward than BN; measured in the worker too
+    assert result.base_faults >= 0 and result.hyper_faults >= 0  # counted in the worker too
+
+
+@pytest.mark.skipif(bench_hypernorm.resource is None, reason="no page-fault counts on this OS")
+def test_page_faults_are_counted_per_iteration():
+    runner = bench_hypernorm.Runner("resnet20", "bn", 2, 32, "infer", bench_hypernorm.Setting("cpu"), False)
+    size = 4 << 20
+
+    def touch_fresh_memory():  # an anonymous mapping faults each page in on its first write
+        block = mmap.mmap(-1, size)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):  # one 4 KiB fault a page, not one a 2 MiB huge page
+            block.madvise(mmap.MADV_NOHUGEPAGE)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1
+        block.close()
+
+    runner.step = touch_fresh_memory
+    seconds, faults = runner.time(3)
+    assert seconds > 0
+    assert size // mmap.PAGESIZE <= faults < 2 * size // mmap.PAGESIZE  # per iteration, not for all three
 
 
 def test_a_worker_that_fails_stops_the_measurement():
