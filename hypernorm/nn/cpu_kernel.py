@@ -29,7 +29,8 @@ from torch import nn
 
 from .fused import FAR_MEAN_OVER_STD, autocast_enabled, check_batch_statistics, is_local_batchnorm
 
-__all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "load", "output_weights"]
+__all__ = ["ENABLED", "available", "applies", "applies_to_norm", "batchnorm_forward", "build", "load",
+           "output_weights"]
 
 SOURCE = Path(__file__).with_name("csrc") / "batchnorm_cpu.cpp"
 # False: the Python paths everywhere (the environment variable sets it for a process; tests switch it)
@@ -46,20 +47,28 @@ def load() -> ModuleType | None:
     global _kernel, _failure
     if _kernel is None and _failure is None:
         try:
-            with _quiet_import_of("torch.utils.cpp_extension"):  # "No CUDA runtime is found" on a CPU-only torch
-                from torch.utils import cpp_extension
-
-            capability, flags = _instruction_set()
+            capability, _ = _instruction_set()
             with _announce_if_slow(f"hypernorm: compiling the C++ CPU kernel for {capability} (once per machine "
                                    "and torch version, about a minute; HYPERNORM_CPU_KERNEL=0 skips it)"):
-                _kernel = cpp_extension.load(name=f"hypernorm_batchnorm_cpu_{capability.lower()}",
-                                             sources=[str(SOURCE)], extra_cflags=["-O3", *flags], verbose=False)
+                _kernel = build(SOURCE, "hypernorm_batchnorm_cpu")
         except Exception as error:  # no compiler, no headers, a read-only cache: the Python paths serve
             _failure = f"{type(error).__name__}: {str(error).strip().splitlines()[-1] if str(error).strip() else ''}"
             warnings.warn(f"hypernorm: the C++ CPU kernel could not be built ({_failure}); HyperNorm layers run "
                           "their Python paths (same results, slower at small batch). Set HYPERNORM_CPU_KERNEL=0 "
                           "to skip the build.", RuntimeWarning, stacklevel=2)
     return _kernel
+
+
+def build(source: Path, name: str) -> ModuleType:
+    """``source`` compiled as the kernel is, for this machine's CPU capability, as the module ``name``_<capability>
+    (torch.utils.cpp_extension caches it; a changed source is built again). Raises where it cannot be built.
+    benchmarks/kernel_ab.py builds another version of the kernel's source with it."""
+    with _quiet_import_of("torch.utils.cpp_extension"):  # "No CUDA runtime is found" on a CPU-only torch
+        from torch.utils import cpp_extension
+
+    capability, flags = _instruction_set()
+    return cpp_extension.load(name=f"{name}_{capability.lower()}", sources=[str(source)],
+                              extra_cflags=["-O3", *flags], verbose=False)
 
 
 # ATen's own flags for the vector code of each CPU capability (at::vec::Vectorized takes its width from them)
