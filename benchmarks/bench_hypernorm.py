@@ -104,6 +104,8 @@ class Result:
     # CPU: median minor page faults per iteration (None on CUDA and where the OS does not count them)
     base_faults: float | None = None
     hyper_faults: float | None = None
+    # --processes: each process's (base_faults, hyper_faults)
+    process_faults: list[tuple[float, float]] | None = None
 
 
 class Runner:
@@ -312,6 +314,7 @@ def measure_in_processes(processes: int, threads: int | None, *pair_args, **pair
         combined.reference_ms, combined.reference_ratio = medians("reference_ms"), medians("reference_ratio")
     if combined.base_faults is not None:
         combined.base_faults, combined.hyper_faults = medians("base_faults"), medians("hyper_faults")
+        combined.process_faults = [(run.base_faults, run.hyper_faults) for run in runs]
     return combined
 
 

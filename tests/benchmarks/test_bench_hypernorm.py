@@ -54,3 +54,5 @@ def test_a_pair_is_measured_again_in_fresh_processes(monkeypatch):
     assert len(result.process_ratios) == 2 and len(result.ratios) == 6
     assert result.ratio == pytest.approx(sum(result.process_ratios) / 2, rel=1e-3)  # the median of two
     assert result.base_ms > 0 and result.hyper_ms > 0
+    assert len(result.process_faults) == 2
+    assert result.base_faults == pytest.approx(sum(f[0] for f in result.process_faults) / 2)  # their median
