@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import multiprocessing
 import os
 import platform
@@ -250,6 +251,20 @@ def _serve_runner(connection, threads: int | None, clock: str, runner_args: tupl
         connection.send(error)
 
 
+def interleaved(timers: list[Callable[[], tuple[float, float | None]]],
+                reps: int) -> tuple[list[list[float]], list[list[float | None]]]:
+    """Each timer's (seconds, faults) per repetition, ``reps`` turns in the order A B C, C B A, ...: no variant
+    always runs first or last, and drift in the machine's speed hits all alike."""
+    times: list[list[float]] = [[] for _ in timers]
+    faults: list[list[float | None]] = [[] for _ in timers]
+    for rep in range(reps):
+        for k in (range(len(timers)) if rep % 2 == 0 else reversed(range(len(timers)))):
+            seconds, step_faults = timers[k]()
+            times[k].append(seconds)
+            faults[k].append(step_faults)
+    return times, faults
+
+
 def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, hyper: str, setting: Setting,
                  reps: int, iters: int, warmup: int, with_reference: bool,
                  clock: Callable[[], float] = time.perf_counter, isolate: bool = False,
@@ -268,16 +283,7 @@ def measure_pair(model_name: str, size: int, batch: int, mode: str, base: str, h
         for runner in runners:
             for _ in range(warmup - 1):
                 runner.step()
-        times: list[list[float]] = [[] for _ in runners]
-        faults: list[list[float | None]] = [[] for _ in runners]
-        for rep in range(reps):
-            order = list(range(len(runners)))
-            if rep % 2:  # A B C, C B A, ...: no variant always runs first or last
-                order.reverse()
-            for k in order:
-                seconds, step_faults = runners[k].time(iters, clock)
-                times[k].append(seconds)
-                faults[k].append(step_faults)
+        times, faults = interleaved([functools.partial(runner.time, iters, clock) for runner in runners], reps)
     finally:
         for runner in runners:
             if isinstance(runner, IsolatedRunner):

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import torch
 
-from bench_hypernorm import CONFIGS, Runner, Setting, device_info
+from bench_hypernorm import CONFIGS, Runner, Setting, device_info, interleaved
 from hypernorm.nn import cpu_kernel
 from results_file import write_json
 
@@ -100,21 +100,23 @@ def main(argv: list[str] | None = None) -> int:
     size = CONFIGS[args.model][0]
     runners = {norm: Runner(args.model, norm, args.batch, size, args.mode, Setting("cpu"), False)
                for norm in ("bn", "bhn")}
-    variants = {"bn": (runners["bn"], None), "base": (runners["bhn"], base), "new": (runners["bhn"], new)}
-    difference = output_difference(runners["bhn"], base, new)
-    if difference > OUTPUTS_AGREE:
-        print(f"WARNING: the two builds' outputs differ by {difference:.1e} of the largest: more than float32 "
-              "rounding; compare their numbers before their speed", file=sys.stderr)
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    variants = {"bn": (runners["bn"], new), "base": (runners["bhn"], base), "new": (runners["bhn"], new)}
+
+    def on(runner: Runner, kernel: ModuleType):
+        def timer() -> tuple[float, float | None]:
+            cpu_kernel._kernel = kernel
+            return runner.time(args.iters, time.process_time)
+        return timer
+
     try:
-        for name, (runner, kernel) in variants.items():  # warm-up
-            cpu_kernel._kernel = kernel or new
-            runner.step()
-        for rep in range(args.reps):
-            for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
-                runner, kernel = variants[name]
-                cpu_kernel._kernel = kernel or new
-                times[name].append(runner.time(args.iters, time.process_time)[0])
+        difference = output_difference(runners["bhn"], base, new)
+        if difference > OUTPUTS_AGREE:
+            print(f"WARNING: the two builds' outputs differ by {difference:.1e} of the largest: more than float32 "
+                  "rounding; compare their numbers before their speed", file=sys.stderr)
+        timers = [on(runner, kernel) for runner, kernel in variants.values()]
+        for timer in timers:  # warm-up
+            timer()
+        times = dict(zip(variants, interleaved(timers, args.reps)[0]))
     finally:
         cpu_kernel._kernel = new
     ratio = (lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b])))
